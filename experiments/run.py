@@ -1,0 +1,363 @@
+"""The fljax trainer: one runner for every experiment config.
+
+Usage:
+  python experiments/run.py --config experiments/configs/heart_disease.py [--set a.b=value ...]
+                            [--out DIR] [--resume]
+
+A config file defines ``get_config() -> dict``. Each run writes into its output
+folder: ``config.json``, ``run_info.json`` (git revision, python/jax/jaxlib
+versions, device), ``metrics.jsonl`` (one JSON object per round), checkpoints
+(orbax), ``summary.json`` (final metrics, privacy spent) and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import importlib.util
+import json
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+
+from fljax import aggregators, checkpoint, client, evaluation, losses, models
+from fljax import random as fl_random
+from fljax.algorithms import fedavg, fedavgm, fedopt, fedprox, fedsgd
+from fljax.data import FederatedData, partition, sampling
+from fljax.data.datasets import cifar10, heart_disease
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def load_config(path: str, overrides: list[str]) -> dict:
+    spec = importlib.util.spec_from_file_location("fljax_config", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"cannot load config {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = copy.deepcopy(module.get_config())
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        dotted, raw = item.split("=", 1)
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        node = config
+        keys = dotted.split(".")
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                raise KeyError(f"--set {dotted}: {k!r} is not a section of the config")
+            node = node[k]
+        if keys[-1] not in node:
+            raise KeyError(f"--set {dotted}: unknown key {keys[-1]!r}; known: {sorted(node)}")
+        node[keys[-1]] = value
+    return config
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def build_data(cfg: dict, key: jax.Array) -> dict:
+    """Returns train/test populations, an optional central test set and shapes."""
+    name = cfg["name"]
+    if name == "heart_disease":
+        d = heart_disease.load(test_fraction=cfg.get("test_fraction", 0.25), seed=cfg.get("split_seed", 0))
+        return {"train": d.train, "test": d.test, "central_test": None, "num_classes": 2}
+    if name == "cifar10":
+        raw = cifar10.load_raw(cfg.get("data_dir"), source=cfg.get("source", "auto"))
+        x_train, y_train = cifar10.normalize(raw["x_train"]), raw["y_train"]
+        x_test, y_test = cifar10.normalize(raw["x_test"]), raw["y_test"]
+        if cfg.get("max_train_examples"):
+            keep = np.random.default_rng(0).permutation(len(y_train))[: cfg["max_train_examples"]]
+            x_train, y_train = x_train[keep], y_train[keep]
+        part = cfg.get("partition", "iid")
+        n = cfg["num_clients"]
+        if part == "iid":
+            p = partition.iid(y_train, n, key)
+        elif part == "classes_per_client":
+            p = partition.classes_per_client(y_train, n, cfg["classes_per_client"], key)
+        elif part == "dirichlet":
+            p = partition.dirichlet(y_train, n, cfg["alpha"], key)
+        else:
+            raise ValueError(f"unknown partition {part!r}")
+        train = FederatedData.from_partition(x_train, y_train, p.indices, num_classes=10)
+        return {"train": train, "test": None, "central_test": (x_test, y_test), "num_classes": 10,
+                "partition_report": partition.report(p, y_train, 10)}
+    raise ValueError(f"unknown data set {name!r}")
+
+
+# ----------------------------------------------------------------------------- model and algorithm
+
+
+def build_model(cfg: dict, num_classes: int):
+    name = cfg["name"]
+    if name == "lenet":
+        return models.LeNet(num_classes=num_classes)
+    if name == "mlp":
+        return models.MLP(hidden=tuple(cfg.get("hidden", (200, 200))), num_classes=num_classes)
+    if name == "logistic":
+        return models.LogisticRegression(num_classes=num_classes)
+    raise ValueError(f"unknown model {name!r}")
+
+
+def build_optimizer(cfg: dict) -> optax.GradientTransformation:
+    name, lr = cfg.get("optimizer", "sgd"), cfg["learning_rate"]
+    if name == "sgd":
+        return optax.sgd(lr, momentum=cfg.get("momentum") or None)
+    if name == "adam":
+        return optax.adam(lr)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def build_aggregator(config: dict):
+    name = config.get("aggregator", "weighted_mean")
+    if name == "weighted_mean":
+        return aggregators.weighted_mean()
+    if name == "uniform_mean":
+        return aggregators.uniform_mean()
+    if name == "median":
+        return aggregators.median()
+    if name == "trimmed_mean":
+        return aggregators.trimmed_mean(config.get("trim_fraction", 0.1))
+    raise ValueError(f"unknown aggregator {name!r}")
+
+
+def build_algorithm(config: dict, model):
+    c, s = config["client"], config["server"]
+    agg = build_aggregator(config)
+    chunk = config.get("chunk_size")
+    name = s.get("algorithm", "fedavg")
+    if name == "fedsgd":
+        return fedsgd.fedsgd(model, learning_rate=s["learning_rate"], aggregator=agg, chunk_size=chunk)
+    opt = build_optimizer(c)
+    if name == "fedprox":
+        return fedprox.fedprox(model, opt, mu=s["mu"], batch_size=c["batch_size"], num_epochs=c["num_epochs"],
+                               server_learning_rate=s.get("learning_rate", 1.0), aggregator=agg, chunk_size=chunk)
+    update = client.local_sgd(model, opt, batch_size=c["batch_size"], num_epochs=c["num_epochs"],
+                              weighting=c.get("weighting", "num_examples"), max_steps=c.get("max_steps"))
+    lr = s.get("learning_rate", 1.0)
+    if name == "fedavg":
+        return fedavg.fedavg(update, server_learning_rate=lr, aggregator=agg, chunk_size=chunk)
+    if name == "fedavgm":
+        return fedavgm.fedavgm(update, server_learning_rate=lr, server_momentum=s.get("momentum", 0.9),
+                               aggregator=agg, chunk_size=chunk)
+    if name in ("fedadam", "fedyogi"):
+        fn = fedopt.fedadam if name == "fedadam" else fedopt.fedyogi
+        return fn(update, server_learning_rate=lr, tau=s.get("tau", 1e-3), aggregator=agg, chunk_size=chunk)
+    if name == "fedadagrad":
+        return fedopt.fedadagrad(update, server_learning_rate=lr, tau=s.get("tau", 1e-3), aggregator=agg,
+                                 chunk_size=chunk)
+    raise ValueError(f"unknown algorithm {name!r}")
+
+
+def sample_cohort(cfg: dict, key: jax.Array, num_clients: int):
+    mode = cfg.get("sampling", "all")
+    if mode == "all":
+        return np.arange(num_clients, dtype=np.int32), np.ones(num_clients, bool)
+    if mode == "uniform":
+        return sampling.uniform(key, num_clients, cfg["size"])
+    if mode == "poisson":
+        return sampling.poisson(key, num_clients, cfg["q"], cfg.get("max_size"))
+    raise ValueError(f"unknown cohort sampling {mode!r}")
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train(config: dict, train_data: FederatedData, model, *, eval_fn=None, out_dir=None, resume=False,
+          progress=True, desc="federated"):
+    """Runs ``config['rounds']`` rounds; returns (final ServerState, list of per-round records)."""
+    from tqdm import tqdm
+
+    run_key = fl_random.run_key(config["seed"])
+    shape = train_data.x.shape[1:]
+    params = models.init_params(model, shape, fl_random.stream(run_key, "init"))
+    algo = build_algorithm(config, model)
+    state = algo.init(params)
+    update = jax.jit(algo.update)
+    records, start = [], 0
+    ckpt_dir = None if out_dir is None else pathlib.Path(out_dir) / "checkpoints"
+    metrics_path = None if out_dir is None else pathlib.Path(out_dir) / "metrics.jsonl"
+    if resume and ckpt_dir is not None and checkpoint.latest_step(ckpt_dir) is not None:
+        start = checkpoint.latest_step(ckpt_dir)
+        state, _ = checkpoint.restore(ckpt_dir, start, state)
+        if metrics_path.exists():
+            records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+            records = [r for r in records if r["round"] <= start]
+    if metrics_path is not None:
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    num_examples = int(train_data.sizes.max())
+    rounds, every = config["rounds"], config.get("eval_every", 1)
+    ck_every = config.get("checkpoint_every", 0)
+    bar = tqdm(range(start, rounds), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    for r in bar:
+        t0 = time.perf_counter()
+        rkey = fl_random.round_key(run_key, r)
+        ids, mask = sample_cohort(config.get("cohort", {}), fl_random.stream(rkey, "sample"), train_data.num_clients)
+        cohort = train_data.cohort(ids, client_mask=mask, num_examples=num_examples)
+        state, m = update(state, cohort, rkey)
+        record = {"round": r + 1, **{k: float(v) for k, v in jax.device_get(m).items()}}
+        record["round_sec"] = time.perf_counter() - t0
+        if eval_fn is not None and ((r + 1) % every == 0 or r + 1 == rounds):
+            record.update(eval_fn(state.params))
+        records.append(record)
+        if metrics_path is not None:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if ckpt_dir is not None and ck_every and ((r + 1) % ck_every == 0 or r + 1 == rounds):
+            checkpoint.save(ckpt_dir, r + 1, state, {"round": r + 1})
+        shown = {k: record[k] for k in ("client_train_loss", "test_accuracy", "fed_mean_accuracy") if k in record}
+        bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
+    if update._cache_size() > 1:
+        raise RuntimeError(f"the round recompiled: {update._cache_size()} compilations")
+    return state, records
+
+
+def run_info() -> dict:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
+                                    text=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        sha, dirty = "unknown", None
+    import jaxlib
+
+    return {"git_sha": sha, "git_dirty": dirty, "python": platform.python_version(), "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__, "device": str(jax.devices()[0]), "platform": platform.platform()}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", default=None, help="output folder (default runs/<config name>)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.set)
+    out = pathlib.Path(args.out or REPO / "runs" / config["name"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
+    (out / "run_info.json").write_text(json.dumps(run_info(), indent=1))
+    t_start = time.perf_counter()
+    data_key = fl_random.stream(fl_random.run_key(config["data"].get("seed", config["seed"])), "sample")
+    data = build_data(config["data"], data_key)
+    train_data, test_data, central = data["train"], data["test"], data["central_test"]
+    model = build_model(config["model"], data["num_classes"])
+    names = list(train_data.client_names or [f"client {i}" for i in range(train_data.num_clients)])
+    progress = not args.no_progress
+    print(f"fljax: {config['name']}: {train_data.num_clients} clients, {len(train_data.y)} training examples, "
+          f"{config['rounds']} rounds -> {out}", flush=True)
+
+    def eval_fn(params):
+        res = {}
+        if central is not None:
+            ev = evaluation.evaluate(model, params, *central)
+            res.update(test_accuracy=ev["accuracy"], test_loss=ev["loss"])
+        if test_data is not None:
+            fe = evaluation.federated_evaluate(model, params, test_data)
+            res.update({f"fed_{k}": v for k, v in fe.items() if not k.startswith("per_client_loss")})
+        return res
+
+    state, records = train(config, train_data, model, eval_fn=eval_fn, out_dir=out, resume=args.resume,
+                           progress=progress)
+    summary = {"name": config["name"], "rounds": config["rounds"], "final": records[-1] if records else {},
+               "privacy": {"epsilon": float("inf"), "note": "no differential privacy configured"}}
+    if "partition_report" in data:
+        summary["partition"] = {k: v for k, v in data["partition_report"].items() if not isinstance(v, list)}
+
+    baselines = config.get("baselines", ())
+    table = None
+    if baselines and test_data is not None:
+        table = {"client": names, "federated": records[-1]["fed_per_client_accuracy"]}
+        if "local" in baselines:
+            table["local"] = []
+            for c in range(train_data.num_clients):
+                _, recs = train(config | {"cohort": {"sampling": "all"}}, train_data.subset([c]), model,
+                                eval_fn=lambda p, c=c: {"acc": evaluation.federated_evaluate(
+                                    model, p, test_data.subset([c]))["mean_accuracy"]},
+                                progress=progress, desc=f"local {names[c]}")
+                table["local"].append(recs[-1]["acc"])
+        if "pooled" in baselines:
+            pooled = FederatedData.from_clients([train_data.pooled()], num_classes=train_data.num_classes)
+            _, recs = train(config | {"cohort": {"sampling": "all"}}, pooled, model,
+                            eval_fn=lambda p: {"per": evaluation.federated_evaluate(model, p, test_data)[
+                                "per_client_accuracy"]},
+                            progress=progress, desc="pooled")
+            table["pooled"] = recs[-1]["per"]
+        summary["per_client_test_accuracy"] = table
+        print_table(table, test_data)
+    summary["wall_sec"] = time.perf_counter() - t_start
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot(records, table, out / "curves.png", config["name"])
+    final = records[-1]
+    shown = {k: round(final[k], 4) for k in ("test_accuracy", "fed_mean_accuracy", "fed_weighted_accuracy")
+             if k in final}
+    print(f"done in {summary['wall_sec']:.1f}s: {shown}; metrics, summary and plot in {out}", flush=True)
+    return summary
+
+
+def print_table(table: dict, test_data: FederatedData) -> None:
+    cols = [c for c in ("local", "federated", "pooled") if c in table]
+    heads = {"local": "alone", "federated": "federated", "pooled": "pooled data"}
+    print("\nHeld-out accuracy per client (each client's own test patients/examples):")
+    print(f"  {'client':<16}{'test n':>7}" + "".join(f"{heads[c]:>13}" for c in cols))
+    for i, name in enumerate(table["client"]):
+        print(f"  {name:<16}{int(test_data.sizes[i]):>7}" + "".join(f"{table[c][i]:>13.3f}" for c in cols))
+    w = test_data.sizes / test_data.sizes.sum()
+    print(f"  {'all (weighted)':<16}{int(test_data.sizes.sum()):>7}" +
+          "".join(f"{float(np.dot(w, table[c])):>13.3f}" for c in cols) + "\n", flush=True)
+
+
+def plot(records: list[dict], table: dict | None, path: pathlib.Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncols = 2 if table else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4), squeeze=False)
+    ax = axes[0, 0]
+    rounds = [r["round"] for r in records]
+    ax.plot(rounds, [r["client_train_loss"] for r in records], label="client train loss", color="tab:gray")
+    ax.set_xlabel("round")
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    for k, lab in (("test_accuracy", "central test accuracy"), ("fed_mean_accuracy", "mean client test accuracy")):
+        pts = [(r["round"], r[k]) for r in records if k in r]
+        if pts:
+            ax2.plot(*zip(*pts), marker=".", label=lab)
+    ax2.set_ylabel("accuracy")
+    ax2.legend(loc="lower right")
+    ax.set_title(title)
+    if table:
+        ax = axes[0, 1]
+        cols = [c for c in ("local", "federated", "pooled") if c in table]
+        x = np.arange(len(table["client"]))
+        width = 0.8 / len(cols)
+        for j, c in enumerate(cols):
+            ax.bar(x + j * width, table[c], width, label=c)
+        ax.set_xticks(x + width * (len(cols) - 1) / 2, table["client"], rotation=15)
+        ax.set_ylabel("held-out accuracy")
+        ax.set_ylim(0, 1)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

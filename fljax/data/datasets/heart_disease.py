@@ -1,0 +1,142 @@
+"""UCI Heart Disease across four hospitals, shipped inside fljax (CC BY 4.0).
+
+The data set is naturally federated: Cleveland (303 patients), Hungary (294),
+Switzerland (123) and VA Long Beach (200). The task is binary: disease present
+(``num > 0``). Attribution: ``fljax/data/resources/HEART_DISEASE_ATTRIBUTION.md``.
+
+Features (all float32, 29 columns), encoded with fixed rules so that no
+statistic crosses hospitals except the federated mean and variance used for
+standardisation (computable by one secure-sum round; equal to pooled statistics):
+
+* numeric, standardised: age, trestbps, chol (0 is "unknown" and treated as
+  missing), thalach, oldpeak, ca; a missing numeric value is imputed with the
+  mean (0 after standardisation) and flagged by a ``*_missing`` column;
+* binary: sex, fbs (with fbs_missing), exang;
+* one-hot: cp (1-4), restecg (0-2), slope (1-3, all-zero if missing), thal
+  (3, 6, 7, all-zero if missing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+
+import numpy as np
+import pandas as pd
+
+from fljax.data.federated import FederatedData
+
+SITES = ("cleveland", "hungarian", "switzerland", "va")
+SITE_NAMES = {
+    "cleveland": "Cleveland",
+    "hungarian": "Hungary",
+    "switzerland": "Switzerland",
+    "va": "VA Long Beach",
+}
+_NUMERIC = ("age", "trestbps", "chol", "thalach", "oldpeak", "ca")
+_ONE_HOT = {"cp": (1, 2, 3, 4), "restecg": (0, 1, 2), "slope": (1, 2, 3), "thal": (3, 6, 7)}
+
+
+@dataclasses.dataclass(frozen=True)
+class HeartDisease:
+    """Train and held-out populations, one client per hospital (same client order).
+
+    Attributes:
+      train: :class:`FederatedData` of each hospital's training patients.
+      test: :class:`FederatedData` of each hospital's held-out patients.
+      feature_names: names of the 29 feature columns.
+    """
+
+    train: FederatedData
+    test: FederatedData
+    feature_names: tuple[str, ...]
+
+
+def read_csv(path=None) -> pd.DataFrame:
+    """The raw table (920 rows, ``site`` first, ``target`` last); default: the shipped copy."""
+    if path is None:
+        ref = importlib.resources.files("fljax.data") / "resources" / "heart_disease_4sites.csv"
+        with importlib.resources.as_file(ref) as p:
+            return pd.read_csv(p, na_values=["?", ""])
+    return pd.read_csv(path, na_values=["?", ""])
+
+
+def _encode(frame: pd.DataFrame) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Raw encoding (numeric columns not yet standardised) and numeric-column mask."""
+    frame = frame.copy()
+    frame.loc[frame["chol"] == 0, "chol"] = np.nan
+    cols, names, numeric = [], [], []
+    for c in _NUMERIC:
+        v = frame[c].to_numpy(np.float64)
+        cols.append(v)
+        names.append(c)
+        numeric.append(True)
+        cols.append(np.isnan(v).astype(np.float64))
+        names.append(f"{c}_missing")
+        numeric.append(False)
+    for c in ("sex", "exang", "fbs"):
+        v = frame[c].to_numpy(np.float64)
+        cols.append(np.nan_to_num(v, nan=0.0))
+        names.append(c)
+        numeric.append(False)
+    cols.append(frame["fbs"].isna().to_numpy(np.float64))
+    names.append("fbs_missing")
+    numeric.append(False)
+    for c, levels in _ONE_HOT.items():
+        v = frame[c].to_numpy(np.float64)
+        for lv in levels:
+            cols.append((v == lv).astype(np.float64))
+            names.append(f"{c}={lv:g}")
+            numeric.append(False)
+    return np.stack(cols, axis=1), names, np.asarray(numeric)
+
+
+def load(*, test_fraction: float = 0.25, seed: int = 0, path=None) -> HeartDisease:
+    """Load the four hospitals as a federated train/held-out split.
+
+    Each hospital's patients are split at random (stratified by label, from
+    ``seed``) into train and held-out parts. Numeric features are standardised
+    with the mean and variance over all hospitals' TRAINING patients, computed as
+    a sum of per-hospital sums (what one federated aggregation would give).
+
+    Args:
+      test_fraction: fraction of each hospital's patients held out.
+      seed: split seed.
+      path: optional CSV with the same columns (default: the copy inside fljax).
+
+    Returns:
+      :class:`HeartDisease` with 2 classes (0 healthy, 1 disease).
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    frame = read_csv(path)
+    unknown = sorted(set(frame["site"]) - set(SITES))
+    if unknown:
+        raise ValueError(f"unknown site(s) {unknown}; expected {SITES}")
+    x_all, names, numeric = _encode(frame)
+    y_all = (frame["target"].to_numpy() > 0).astype(np.int32)
+    rng = np.random.default_rng(seed)
+    train_idx, test_idx = [], []
+    for site in SITES:
+        idx = np.flatnonzero(frame["site"].to_numpy() == site)
+        tr, te = [], []
+        for label in (0, 1):
+            lab = rng.permutation(idx[y_all[idx] == label])
+            k = int(round(test_fraction * len(lab)))
+            te.append(lab[:k])
+            tr.append(lab[k:])
+        train_idx.append(np.sort(np.concatenate(tr)))
+        test_idx.append(np.sort(np.concatenate(te)))
+    # Federated standardisation: sums of per-hospital sums over training rows.
+    sums = sum(np.nansum(x_all[i][:, numeric], axis=0) for i in train_idx)
+    counts = sum(np.sum(~np.isnan(x_all[i][:, numeric]), axis=0) for i in train_idx)
+    mean = sums / counts
+    sq = sum(np.nansum((x_all[i][:, numeric] - mean) ** 2, axis=0) for i in train_idx)
+    std = np.sqrt(sq / counts)
+    x = x_all.copy()
+    x[:, numeric] = np.nan_to_num((x_all[:, numeric] - mean) / np.where(std > 0, std, 1.0), nan=0.0)
+    x = x.astype(np.float32)
+    client_names = tuple(SITE_NAMES[s] for s in SITES)
+    train = FederatedData.from_partition(x, y_all, train_idx, client_names=client_names, num_classes=2)
+    test = FederatedData.from_partition(x, y_all, test_idx, client_names=client_names, num_classes=2)
+    return HeartDisease(train=train, test=test, feature_names=tuple(names))
