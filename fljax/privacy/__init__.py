@@ -1,0 +1,46 @@
+"""Differential privacy: mechanisms (JAX) and their accounting (host, ``dp_accounting``).
+
+One config object builds both sides, so noise and epsilon cannot drift:
+
+* :class:`DPConfig` -> :func:`dp_aggregator` (client-level DP-FedAvg, adaptive
+  clipping, simulated noise cohort) and :func:`accounting.dp_event`;
+* :class:`DPSGDConfig` -> :func:`dp_sgd_client` / :func:`dp_sgd_gradient`
+  (example-level DP-SGD inside a client) and :func:`accounting.dp_event`.
+
+:class:`PrivacyLedger` enforces a budget on the host, round by round.
+"""
+
+from fljax.privacy import accounting, aggregation, config, dp_sgd
+from fljax.privacy.accounting import (
+    PrivacyBudgetExceededError,
+    PrivacyLedger,
+    calibrate_noise_multiplier,
+    dp_event,
+    epsilon,
+    summary,
+)
+from fljax.privacy.aggregation import DPAggregatorState, dp_aggregator, sample_cohort
+from fljax.privacy.config import DPConfig, DPSGDConfig, expected_capped_weight
+from fljax.privacy.dp_sgd import dp_sgd_client, dp_sgd_gradient, per_example_gradients
+
+__all__ = [
+    "DPAggregatorState",
+    "DPConfig",
+    "DPSGDConfig",
+    "PrivacyBudgetExceededError",
+    "PrivacyLedger",
+    "accounting",
+    "aggregation",
+    "calibrate_noise_multiplier",
+    "config",
+    "dp_aggregator",
+    "dp_event",
+    "dp_sgd",
+    "dp_sgd_client",
+    "dp_sgd_gradient",
+    "epsilon",
+    "expected_capped_weight",
+    "per_example_gradients",
+    "sample_cohort",
+    "summary",
+]
