@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fljax import losses
+from fljax import fast, losses
 from fljax.base import ApplyFn, ClientData, ClientOutput, ClientUpdate, Params
 
 # gradient(params, x[batch, ...], y[batch], mask[batch], key) -> (grad, loss)
@@ -106,6 +106,8 @@ def local_sgd(
     max_steps: int | None = None,
     gradient: GradientFn | None = None,
     proximal_mu: float = 0.0,
+    unroll: int | bool = 1,
+    accelerate: bool = True,
 ) -> ClientUpdate:
     """Local training for ``num_epochs`` epochs of minibatch optimisation.
 
@@ -141,6 +143,8 @@ def local_sgd(
     if weighting not in ("num_examples", "uniform"):
         raise ValueError(f"weighting must be 'num_examples' or 'uniform', got {weighting!r}")
     apply_fn = as_apply(model)
+    if accelerate:
+        apply_fn = fast.accelerate(apply_fn)
     grad_fn = gradient if gradient is not None else masked_mean_gradient(apply_fn, loss_fn)
 
     def client_update(server_params: Params, data: ClientData, key: jax.Array) -> ClientOutput:
@@ -149,18 +153,23 @@ def local_sgd(
                 f"client_update works on ONE client: mask must be [num_examples], got shape {data.mask.shape}"
             )
 
-        def epoch(carry, epoch_key):
+        # Keys are derived with fold_in from scanned indices rather than scanned
+        # as split key arrays: same independence, and it keeps jax's key-reuse
+        # checker exact under vmap.
+        def epoch(carry, epoch_index):
+            epoch_key = jax.random.fold_in(key, epoch_index)
             params, opt_state, loss_sum, step_count = carry
             shuffle_key, step_key = jax.random.split(epoch_key)
             batches = make_batches(data, batch_size, shuffle_key)
             if max_steps is not None:
                 batches = jax.tree.map(lambda a: a[:max_steps], batches)
             steps = batches.mask.shape[0]
-            step_keys = jax.random.split(step_key, steps)
+            step_indices = jnp.arange(steps, dtype=jnp.uint32)
 
             def step(carry, inputs):
                 params, opt_state, loss_sum, step_count = carry
-                x, y, mask, k = inputs
+                x, y, mask, step_index = inputs
+                k = jax.random.fold_in(step_key, step_index)
                 grad, loss = grad_fn(params, x, y, mask, k)
                 if proximal_mu:
                     grad = jax.tree.map(lambda g, p, s: g + proximal_mu * (p - s), grad, params, server_params)
@@ -175,12 +184,15 @@ def local_sgd(
                 return (params, opt_state, loss_sum, step_count), None
 
             carry, _ = jax.lax.scan(
-                step, (params, opt_state, loss_sum, step_count), (batches.x, batches.y, batches.mask, step_keys)
+                step,
+                (params, opt_state, loss_sum, step_count),
+                (batches.x, batches.y, batches.mask, step_indices),
+                unroll=unroll,
             )
             return carry, None
 
         init = (server_params, optimizer.init(server_params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (params, _, loss_sum, step_count), _ = jax.lax.scan(epoch, init, jax.random.split(key, num_epochs))
+        (params, _, loss_sum, step_count), _ = jax.lax.scan(epoch, init, jnp.arange(num_epochs, dtype=jnp.uint32))
         n = jnp.sum(data.mask.astype(jnp.float32))
         if weighting == "num_examples":
             weight = n

@@ -1,0 +1,201 @@
+"""The fast path: rewrite a model's slow-on-CPU operations, without touching the model.
+
+:func:`accelerate` takes any ``apply(params, x)`` (a flax module's ``apply``,
+or plain JAX) and returns a function with the same values and gradients whose
+convolutions are im2col + matmul and whose non-overlapping max-pools are
+pairwise maxima (:mod:`fljax.nn`). It works on the traced program (the
+jaxpr), so it sees ``flax.linen.Conv``, ``flax.linen.max_pool``,
+``lax.conv_general_dilated`` and ``lax.reduce_window`` alike, including inside
+``jax.jit``-wrapped helpers, ``lax.scan``, ``lax.cond`` and ``lax.while_loop``
+bodies. Operations inside ``custom_jvp``/``custom_vjp`` functions and
+``jax.checkpoint`` are left as they are.
+
+Why: vmapped over a cohort (every client holds its own weights), a convolution
+becomes a grouped convolution, which XLA:CPU runs far below its matmul speed,
+and the gradient of ``reduce_window`` max is a slow ``select_and_scatter``. The
+rewritten forms vmap into batched matmuls and elementwise selects.
+
+:func:`fljax.client.local_sgd` applies :func:`accelerate` to the model by
+default (``fljax.nn.set_impl("xla")`` turns it off; on GPU/TPU ``"auto"``
+keeps XLA's operations). A program without convolutions or max-pools is
+returned unchanged, so MLPs are not affected.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.extend import core as jcore
+
+from fljax.nn import layers
+
+_CALLS = ("pjit", "jit", "closed_call", "core_call")  # inlined
+_CONTROL = ("scan", "cond", "while")  # body jaxprs rewritten in place
+
+
+def _conv_supported(eqn) -> bool:
+    p = eqn.params
+    lhs, rhs = (v.aval for v in eqn.invars)
+    return layers.supports_conv(
+        lhs.shape,
+        rhs.shape,
+        p["window_strides"],
+        p["padding"],
+        p["lhs_dilation"],
+        p["rhs_dilation"],
+        p["dimension_numbers"],
+        p["feature_group_count"],
+        p["batch_group_count"],
+    )
+
+
+def _pool_supported(eqn) -> bool:
+    p = eqn.params
+    return (
+        tuple(p["window_dimensions"]) == tuple(p["window_strides"])
+        and all(lo == 0 and hi == 0 for lo, hi in p["padding"])
+        and all(d == 1 for d in p["base_dilation"])
+        and all(d == 1 for d in p["window_dilation"])
+    )
+
+
+def _is_target(eqn) -> bool:
+    name = eqn.primitive.name
+    if name == "conv_general_dilated":
+        return _conv_supported(eqn)
+    if name == "reduce_window_max":
+        return _pool_supported(eqn)
+    return False
+
+
+def _sub_closed(params) -> list[tuple[str, int | None, Any]]:
+    """ClosedJaxprs among ``params``: (key, index in a tuple or None, jaxpr)."""
+    found = []
+    for k, v in params.items():
+        if isinstance(v, jcore.ClosedJaxpr):
+            found.append((k, None, v))
+        elif isinstance(v, tuple) and v and all(isinstance(b, jcore.ClosedJaxpr) for b in v):
+            found.extend((k, i, b) for i, b in enumerate(v))
+    return found
+
+
+def _has_target(jaxpr) -> bool:
+    for eqn in jaxpr.eqns:
+        if _is_target(eqn):
+            return True
+        if eqn.primitive.name in _CALLS + _CONTROL:
+            if any(_has_target(c.jaxpr) for _, _, c in _sub_closed(eqn.params)):
+                return True
+    return False
+
+
+def _rewrite_closed(closed):
+    if not _has_target(closed.jaxpr):
+        return closed
+    avals = [v.aval for v in closed.jaxpr.invars]
+    return jax.make_jaxpr(lambda *a: _eval(closed.jaxpr, closed.consts, *a))(*avals)
+
+
+def _eval(jaxpr, consts, *args):
+    env: dict = {}
+
+    def read(v):
+        return v.val if isinstance(v, jcore.Literal) else env[v]
+
+    env.update(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        name = eqn.primitive.name
+        p = eqn.params
+        if name == "conv_general_dilated" and _conv_supported(eqn):
+            outvals = [
+                layers.conv_general_dilated(
+                    *invals,
+                    p["window_strides"],
+                    p["padding"],
+                    p["lhs_dilation"],
+                    p["rhs_dilation"],
+                    p["dimension_numbers"],
+                    p["feature_group_count"],
+                    p["batch_group_count"],
+                    p["precision"],
+                    p["preferred_element_type"],
+                    impl="matmul",
+                )
+            ]
+        elif name == "reduce_window_max" and _pool_supported(eqn):
+            outvals = [layers.window_max(invals[0], p["window_dimensions"])]
+        elif name in _CALLS and "jaxpr" in p and isinstance(p["jaxpr"], jcore.ClosedJaxpr) and _has_target(
+            p["jaxpr"].jaxpr
+        ):
+            outvals = _eval(p["jaxpr"].jaxpr, p["jaxpr"].consts, *invals)
+        else:
+            if name in _CONTROL:
+                subs = _sub_closed(p)
+                if any(_has_target(c.jaxpr) for _, _, c in subs):
+                    p = dict(p)
+                    for k, i, c in subs:
+                        if i is None:
+                            p[k] = _rewrite_closed(c)
+                        else:
+                            p[k] = tuple(_rewrite_closed(b) if j == i else b for j, b in enumerate(p[k]))
+            bind_params = eqn.primitive.get_bind_params(p)
+            subfuns: tuple = ()
+            if isinstance(bind_params, tuple):  # older JAX: (subfuns, params)
+                subfuns, bind_params = bind_params
+            ctx = getattr(getattr(eqn, "ctx", None), "manager", None)
+            if ctx is None:
+                outvals = eqn.primitive.bind(*subfuns, *invals, **bind_params)
+            else:
+                with ctx:
+                    outvals = eqn.primitive.bind(*subfuns, *invals, **bind_params)
+            if not eqn.primitive.multiple_results:
+                outvals = [outvals]
+        env.update(zip(eqn.outvars, outvals))
+    return [read(v) for v in jaxpr.outvars]
+
+
+def accelerate(fn: Callable, *, impl: layers.Impl | None = None) -> Callable:
+    """``fn`` with its convolutions and non-overlapping max-pools in fast form.
+
+    Args:
+      fn: any function of arrays (pytrees), typically ``apply(params, x)``.
+      impl: ``"auto"`` (rewrite on CPU only), ``"matmul"`` (always rewrite) or
+        ``"xla"`` (return ``fn`` unchanged); default :func:`fljax.nn.get_impl`,
+        read when the returned function is traced.
+
+    Returns:
+      A function with ``fn``'s signature, values and gradients (up to float
+      reassociation). It calls ``fn`` directly when there is nothing to rewrite.
+
+    Examples:
+      >>> apply = fast.accelerate(models.LeNet().apply)
+      >>> logits = jax.vmap(apply, in_axes=(0, None))(cohort_params, x)
+    """
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        if not layers._use_matmul(impl):
+            return fn(*args, **kwargs)
+        leaves, in_tree = jax.tree.flatten((args, kwargs))
+        dynamic = [i for i, x in enumerate(leaves) if isinstance(x, (jax.Array, np.ndarray, np.generic))]
+        flat = [leaves[i] for i in dynamic]
+
+        def flat_fn(*values):
+            full = list(leaves)
+            for i, v in zip(dynamic, values):
+                full[i] = v
+            a, k = jax.tree.unflatten(in_tree, full)
+            return fn(*a, **k)
+
+        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*flat)
+        if not _has_target(closed.jaxpr):
+            return fn(*args, **kwargs)
+        out = _eval(closed.jaxpr, closed.consts, *flat)
+        return jax.tree.unflatten(jax.tree.structure(out_shape), out)
+
+    return wrapped
