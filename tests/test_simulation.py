@@ -1,0 +1,138 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fljax import client, random, simulation
+from fljax.algorithms import fedavg
+from fljax.base import ClientData, Cohort
+from tests import helpers
+
+
+def _cohort(sizes, ids=None, pad_to=None, seed=0):
+    pop = helpers.population(sizes, seed=seed)
+    ids = np.arange(len(sizes)) if ids is None else ids
+    return pop, pop.cohort(ids, num_examples=pad_to)
+
+
+def test_vmap_equals_python_loop_over_clients():
+    params = helpers.params()
+    _, cohort = _cohort([5, 9, 3, 12])
+    update = helpers.local_sgd()
+    key = jax.random.key(0)
+    out = simulation.run_clients(update, params, cohort, key)
+    keys = random.client_keys(random.stream(key, "clients"), cohort.client_ids)
+    for i in range(4):
+        data_i = jax.tree.map(lambda a: jnp.asarray(a[i]), cohort.data)
+        ref = update(params, data_i, keys[i])
+        helpers.assert_trees_close(jax.tree.map(lambda a: a[i], out.delta), ref.delta)
+        assert float(out.weight[i]) == float(ref.weight)
+
+
+def test_chunked_equals_unchunked():
+    params = helpers.params()
+    _, cohort = _cohort([5, 9, 3, 12, 7, 1])
+    update = helpers.local_sgd()
+    key = jax.random.key(1)
+    full = simulation.run_clients(update, params, cohort, key)
+    chunked = simulation.run_clients(update, params, cohort, key, chunk_size=2)
+    helpers.assert_trees_close(full.delta, chunked.delta)
+    np.testing.assert_array_equal(np.asarray(full.weight), np.asarray(chunked.weight))
+
+
+def test_chunk_size_must_divide_cohort():
+    params = helpers.params()
+    _, cohort = _cohort([5, 9, 3])
+    with pytest.raises(ValueError, match="divide"):
+        simulation.run_clients(helpers.local_sgd(), params, cohort, jax.random.key(0), chunk_size=2)
+
+
+def test_client_randomness_follows_client_id_not_slot():
+    params = helpers.params()
+    pop = helpers.population([5, 9, 3, 12])
+    key = jax.random.key(2)
+    a = simulation.run_clients(helpers.local_sgd(), params, pop.cohort([1, 3], num_examples=12), key)
+    b = simulation.run_clients(helpers.local_sgd(), params, pop.cohort([3, 1], num_examples=12), key)
+    helpers.assert_trees_close(jax.tree.map(lambda x: x[0], a.delta), jax.tree.map(lambda x: x[1], b.delta))
+
+
+def test_padding_slots_contribute_exactly_zero():
+    params = helpers.params()
+    pop = helpers.population([5, 9, 3, 12])
+    algo = fedavg.fedavg(helpers.local_sgd())
+    state = algo.init(params)
+    key = jax.random.key(3)
+    plain, _ = algo.update(state, pop.cohort([0, 2], num_examples=12), key)
+    padded, m = algo.update(state, pop.cohort([0, 2, -1, -1], num_examples=12), key)
+    helpers.assert_trees_close(plain.params, padded.params, rtol=1e-6, atol=1e-7)
+    assert float(m["total_weight"]) == 8.0
+
+
+def test_fedavg_server_step_is_weighted_average_of_local_models():
+    params = helpers.params()
+    pop, cohort = _cohort([4, 8, 2])
+    update = helpers.local_sgd()
+    key = jax.random.key(4)
+    algo = fedavg.fedavg(update)
+    state, _ = algo.update(algo.init(params), cohort, key)
+    out = simulation.run_clients(update, params, cohort, key)
+    w = np.asarray(out.weight) / np.asarray(out.weight).sum()
+    local = jax.tree.map(lambda p, d: p[None] - d, params, out.delta)
+    expected = jax.tree.map(lambda l: jnp.tensordot(jnp.asarray(w, l.dtype), l, axes=1), local)
+    helpers.assert_trees_close(state.params, expected)
+
+
+def test_check_cohort_names_the_problem():
+    _, cohort = _cohort([4, 4])
+    bad = cohort._replace(data=ClientData(x=cohort.data.x[:, :3], y=cohort.data.y, mask=cohort.data.mask))
+    with pytest.raises(ValueError, match="num_examples"):
+        simulation.check_cohort(bad)
+    bad_ids = cohort._replace(client_ids=np.zeros(3, np.int32))
+    with pytest.raises(ValueError, match="client_ids"):
+        simulation.check_cohort(bad_ids)
+
+
+def test_no_recompilation_across_rounds():
+    pop = helpers.population([5, 9, 3, 12, 6])
+    algo = fedavg.fedavg(helpers.local_sgd())
+    state = algo.init(helpers.params())
+    update = jax.jit(algo.update)
+    from fljax.data import sampling
+
+    for r in range(4):
+        k = random.round_key(jax.random.key(0), r)
+        ids, mask = sampling.uniform(random.stream(k, "sample"), pop.num_clients, 3)
+        state, _ = update(state, pop.cohort(ids, client_mask=mask, num_examples=12), k)
+    assert update._cache_size() == 1
+    assert int(state.round) == 4
+
+
+def test_map_clients_checks_leading_axis():
+    with pytest.raises(ValueError, match="leading clients axis"):
+        simulation.map_clients(lambda a, b: a + b, jnp.zeros((3, 2)), jnp.zeros((4, 2)))
+
+
+def test_cohort_type_is_pytree():
+    _, cohort = _cohort([2, 3])
+    assert isinstance(jax.tree.map(lambda a: a, cohort), Cohort)
+
+
+def test_fedavg_learns_separable_task():
+    rng = np.random.default_rng(0)
+    w_true = rng.normal(size=(helpers.NUM_FEATURES, helpers.NUM_CLASSES))
+    clients = []
+    for _ in range(6):
+        x = rng.normal(size=(40, helpers.NUM_FEATURES)).astype(np.float32)
+        clients.append((x, np.argmax(x @ w_true, axis=1).astype(np.int32)))
+    from fljax.data import FederatedData
+
+    pop = FederatedData.from_clients(clients, num_classes=helpers.NUM_CLASSES)
+    algo = fedavg.fedavg(client.local_sgd(helpers.model(), optax.sgd(0.1), batch_size=8))
+    state = algo.init(helpers.params())
+    update = jax.jit(algo.update)
+    losses = []
+    for r in range(15):
+        state, m = update(state, pop.cohort(np.arange(6)), random.round_key(jax.random.key(0), r))
+        losses.append(float(m["client_train_loss"]))
+    assert losses[-1] < 0.5 * losses[0]
