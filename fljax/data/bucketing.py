@@ -1,0 +1,360 @@
+"""Heavy-tailed populations: bucket a cohort's clients by size.
+
+Padding every client to the population's largest wastes most of the
+computation when a few clients hold 100x the median (FEMNIST, Shakespeare,
+Stack Overflow). Here a cohort is split into a few buckets, each padded to its
+own static length; every bucket runs the same vmapped client update (one
+compiled shape per bucket length and slot count, each compiled once), and the
+buckets' outputs are combined exactly as ONE round:
+
+* with the default example-weighted mean, each bucket returns its weighted
+  sum of deltas and its total weight (streamed over chunks of clients, so a
+  cohort of 10,000 never stacks 10,000 deltas), and the server divides once;
+* with any other :class:`~fljax.base.Aggregator` (DP, robust, secure
+  aggregation), the buckets' :class:`~fljax.base.ClientOutput` are
+  concatenated (plus zero-weight padding) before one ``aggregate``.
+
+Because every client's key is ``fold_in(clients_stream, client_id)`` and its
+shuffle puts real examples first, a client trains on the same minibatches
+whatever its padded length: a bucketed round equals the padded round up to
+float reassociation.
+
+Bucket lengths come from :func:`plan`: a dynamic programme over the
+population's distribution of local steps that minimises the expected number
+of padding steps for a given number of buckets. Slots per bucket follow a
+ladder of 8 sizes per octave (so only a handful of shapes ever compile), and
+spare slots of a long bucket are filled with the next-largest clients.
+Capping local steps, as TFF and FedJAX do, is the ``max_steps`` argument (it
+also caps the padded length; larger clients keep a fixed random subset, see
+:meth:`FederatedData.cohort`).
+
+Examples:
+  >>> p = bucketing.plan(data.sizes, batch_size=20, num_buckets=12)
+  >>> algo = bucketing.bucketed_algorithm(client.local_sgd(model, optax.sgd(0.1), batch_size=20), optax.sgd(1.0))
+  >>> cohorts = bucketing.split(data, ids, mask, p)
+  >>> state, metrics = algo.update(state, cohorts, key)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fljax import aggregators as aggregators_lib
+from fljax import random as fl_random
+from fljax import simulation, tree
+from fljax.base import Aggregator, ClientOutput, ClientUpdate, Cohort, Params, ServerState
+from fljax.data.federated import FederatedData
+
+
+class Plan(NamedTuple):
+    """Bucket lengths for one population.
+
+    Attributes:
+      lengths: padded examples per client of each bucket, ascending; each a
+        multiple of ``batch_size`` (the last holds the largest, capped client).
+      batch_size: the local minibatch size the plan was made for.
+    """
+
+    lengths: tuple[int, ...]
+    batch_size: int
+
+
+def num_steps(sizes: np.ndarray, batch_size: int, max_steps: int | None = None) -> np.ndarray:
+    """Real local steps per epoch: ``ceil(size / batch_size)``, capped at ``max_steps``."""
+    steps = -(-np.asarray(sizes, np.int64) // batch_size)
+    return steps if max_steps is None else np.minimum(steps, max_steps)
+
+
+def plan(sizes: np.ndarray, batch_size: int, *, num_buckets: int = 12, max_steps: int | None = None) -> Plan:
+    """Choose ``num_buckets`` lengths minimising the population's padding steps.
+
+    Exact dynamic programme over the distinct step counts (``O(K m)`` numpy
+    passes over ``m`` distinct values). A uniformly sampled cohort then has
+    the same expected padding fraction as the population.
+
+    Args:
+      sizes: ``[num_clients]`` examples per client (``FederatedData.sizes``).
+      batch_size: local minibatch size.
+      num_buckets: at most this many lengths (fewer if fewer distinct sizes).
+      max_steps: optional cap on local steps (TFF / FedJAX style).
+
+    Returns:
+      A :class:`Plan`.
+    """
+    if batch_size <= 0 or num_buckets <= 0:
+        raise ValueError(f"batch_size and num_buckets must be positive, got {batch_size}, {num_buckets}")
+    steps = num_steps(np.maximum(np.asarray(sizes), 1), batch_size, max_steps)
+    values, counts = np.unique(steps, return_counts=True)
+    m = len(values)
+    k_max = min(num_buckets, m)
+    c = np.concatenate([[0], np.cumsum(counts)]).astype(np.float64)
+    s = np.concatenate([[0], np.cumsum(counts * values)]).astype(np.float64)
+    # cost[j, i]: clients with values[j..i] padded to values[i]
+    j = np.arange(m)[:, None]
+    i = np.arange(m)[None, :]
+    cost = np.where(j <= i, values[None, :] * (c[i + 1] - c[j]) - (s[i + 1] - s[j]), np.inf)
+    dp = [cost[0]]  # dp[k][i]: values[0..i] in k+1 buckets, the last ending at values[i]
+    args = [np.zeros(m, np.int64)]
+    for _ in range(1, k_max):
+        prev = np.concatenate([[np.inf], dp[-1][:-1]])  # prev[j] = dp[k-1][j-1]
+        total = prev[:, None] + cost
+        arg = np.argmin(total, axis=0)
+        dp.append(total[arg, np.arange(m)])
+        args.append(arg)
+    k = int(np.argmin([d[m - 1] for d in dp]))
+    ends, i_end = [m - 1], m - 1
+    while k > 0:
+        i_end = int(args[k][i_end]) - 1
+        ends.append(i_end)
+        k -= 1
+    lengths = tuple(int(values[e]) * batch_size for e in sorted(ends))
+    return Plan(lengths=lengths, batch_size=int(batch_size))
+
+
+def capacity(count: int, chunk_size: int | None = None) -> int:
+    """Slots for ``count`` clients: exact up to 16, then 8 sizes per octave.
+
+    Above ``chunk_size`` the slot count is a multiple of ``chunk_size`` (so
+    the bucket can run in chunks).
+    """
+    if count <= 0:
+        return 0
+    if chunk_size is not None and count > chunk_size:
+        return -(-count // chunk_size) * chunk_size
+    if count <= 16:
+        return count
+    unit = 2 ** (int(np.floor(np.log2(count))) - 3)
+    return -(-count // unit) * unit
+
+
+def assign(
+    sizes: np.ndarray,
+    client_ids: np.ndarray,
+    p: Plan,
+    *,
+    max_steps: int | None = None,
+    chunk_size: int | None = None,
+) -> list[tuple[int, np.ndarray]]:
+    """Place a cohort's clients into buckets.
+
+    Walks the buckets from the longest down: bucket ``b`` must take every
+    remaining client longer than bucket ``b-1``; its slot count is
+    :func:`capacity` of that, and spare slots take the next-largest clients.
+
+    Args:
+      sizes: ``[clients]`` examples of each cohort client.
+      client_ids: ``[clients]`` their population ids (``-1`` entries are ignored).
+      p: the :class:`Plan`.
+      max_steps: local step cap used for the plan.
+      chunk_size: see :func:`capacity`.
+
+    Returns:
+      ``[(length, ids)]`` for the non-empty buckets, ``ids`` padded with ``-1``.
+    """
+    ids = np.asarray(client_ids, np.int64)
+    real = ids >= 0
+    ids, steps = ids[real], num_steps(np.asarray(sizes)[real], p.batch_size, max_steps)
+    bucket_steps = [length // p.batch_size for length in p.lengths]
+    if steps.size and steps.max() > bucket_steps[-1]:
+        raise ValueError(
+            f"a client needs {steps.max()} steps but the plan's longest bucket has {bucket_steps[-1]}"
+        )
+    order = np.argsort(-steps, kind="stable")
+    ids, steps = ids[order], steps[order]
+    out, start = [], 0
+    for b in range(len(p.lengths) - 1, -1, -1):
+        below = bucket_steps[b - 1] if b > 0 else 0
+        needed = int(np.sum(steps[start:] > below))
+        if b == 0:
+            needed = len(ids) - start
+        cap = capacity(needed, chunk_size)
+        if cap == 0:
+            continue
+        take = ids[start : start + cap]
+        start += len(take)
+        slots = np.full(cap, -1, np.int64)
+        slots[: len(take)] = take
+        out.append((p.lengths[b], slots))
+    return out[::-1]
+
+
+def split(
+    data: FederatedData,
+    client_ids: np.ndarray,
+    client_mask: np.ndarray | None,
+    p: Plan,
+    *,
+    max_steps: int | None = None,
+    chunk_size: int | None = None,
+) -> list[Cohort]:
+    """Gather a cohort as a list of bucket :class:`Cohort` (host numpy), longest last.
+
+    Args:
+      data: the population.
+      client_ids: ``[cohort]`` ids from a sampler (``-1`` = padding slot).
+      client_mask: optional ``[cohort]`` bool from the sampler.
+      p: the :class:`Plan`.
+      max_steps: the local step cap (also caps the padded length).
+      chunk_size: see :func:`capacity`.
+    """
+    ids = np.asarray(client_ids, np.int64)
+    if client_mask is not None:
+        ids = np.where(np.asarray(client_mask, bool), ids, -1)
+    sizes = np.where(ids >= 0, data.sizes[np.maximum(ids, 0)], 0)
+    return [
+        data.cohort(slots, num_examples=length)
+        for length, slots in assign(sizes, ids, p, max_steps=max_steps, chunk_size=chunk_size)
+    ]
+
+
+def padding_fraction(cohorts: Sequence[Cohort], batch_size: int, max_steps: int | None = None) -> float:
+    """Fraction of computed client-steps that are padding, over a list of cohorts."""
+    computed = real = 0
+    for cohort in cohorts:
+        mask = np.asarray(cohort.data.mask)
+        steps = num_steps(mask.shape[1], batch_size, max_steps)
+        computed += mask.shape[0] * int(steps)
+        real += int(num_steps(mask.sum(axis=1), batch_size, max_steps).sum())
+    return 1.0 - real / computed if computed else 0.0
+
+
+def naive_padding_fraction(
+    sizes: np.ndarray, batch_size: int, max_size: int, max_steps: int | None = None
+) -> float:
+    """Padding fraction when every client is padded to ``max_size`` examples."""
+    real = num_steps(sizes, batch_size, max_steps).sum()
+    return float(1.0 - real / (len(sizes) * num_steps(max_size, batch_size, max_steps)))
+
+
+class BucketedAlgorithm(NamedTuple):
+    """``init(params) -> ServerState``; ``update(state, cohorts, key) -> (state, metrics)``.
+
+    ``update`` takes the list of bucket cohorts of ONE round and is not itself
+    jitted: it calls one jitted function per bucket shape and one for the
+    server step (each compiled once per shape).
+    """
+
+    init: Callable[[Params], ServerState]
+    update: Callable[[ServerState, Sequence[Cohort], jax.Array], tuple[ServerState, dict]]
+
+
+def _chunked(fn, cohort: Cohort, keys: jax.Array, chunk_size: int | None):
+    """Sum ``fn(data, keys, mask)`` over chunks of clients with a scan (memory O(chunk))."""
+    n = cohort.client_mask.shape[0]
+    args = (cohort.data, keys, cohort.client_mask)
+    if chunk_size is None or chunk_size >= n:
+        return fn(*args)
+    if n % chunk_size:
+        raise ValueError(f"bucket of {n} slots is not a multiple of chunk_size {chunk_size}")
+    chunks = jax.tree.map(lambda a: a.reshape((n // chunk_size, chunk_size) + a.shape[1:]), args)
+    first = jax.tree.map(lambda a: a[0], chunks)
+    rest = jax.tree.map(lambda a: a[1:], chunks)
+    init = fn(*first)
+
+    def body(carry, chunk):
+        return jax.tree.map(jnp.add, carry, fn(*chunk)), None
+
+    total, _ = jax.lax.scan(body, init, rest)
+    return total
+
+
+def bucketed_algorithm(
+    client_update: ClientUpdate,
+    server_optimizer: optax.GradientTransformation,
+    *,
+    aggregator: Aggregator | None = None,
+    chunk_size: int | None = None,
+) -> BucketedAlgorithm:
+    """The averaging round of :func:`fljax.simulation.averaging_algorithm` over size buckets.
+
+    Args:
+      client_update: one client's update (e.g. :func:`fljax.client.local_sgd`).
+      server_optimizer: any optax optimizer (``optax.sgd(1.0)`` is FedAvg).
+      aggregator: ``None`` streams the example-weighted mean bucket by bucket
+        (non-finite clients dropped, as :func:`fljax.aggregators.weighted_mean`);
+        any other aggregator gets the concatenated outputs of all buckets.
+      chunk_size: clients per vmapped chunk inside a bucket (memory); buckets
+        from :func:`split` with the same ``chunk_size`` divide evenly.
+
+    Returns:
+      A :class:`BucketedAlgorithm`. Metrics: example-weighted ``client_*``
+      metrics, ``num_nonfinite``, ``total_weight``, ``num_clients`` (or the
+      aggregator's), and ``delta_norm``.
+    """
+    streaming = aggregator is None
+    aggregator = aggregator if aggregator is not None else aggregators_lib.weighted_mean()
+
+    def init(params: Params) -> ServerState:
+        return ServerState(
+            params, server_optimizer.init(params), aggregator.init(params), jnp.zeros((), jnp.int32)
+        )
+
+    def client_sums(params, data, keys, mask):
+        out = jax.vmap(lambda d, k: client_update(params, d, k))(data, keys)
+        weight = jnp.where(mask, out.weight, 0.0).astype(jnp.float32)
+        w, bad = aggregators_lib.sanitize(out.delta, weight)
+        metric_sums = {k: tree.weighted_sum(v, w) for k, v in out.metrics.items()}
+        return tree.weighted_sum(out.delta, w), jnp.sum(w), metric_sums, bad, jnp.sum(w > 0).astype(jnp.int32)
+
+    @jax.jit
+    def bucket_sums(params, cohort, key):
+        simulation.check_cohort(cohort)
+        keys = fl_random.client_keys(fl_random.stream(key, "clients"), cohort.client_ids)
+        return _chunked(lambda d, k, m: client_sums(params, d, k, m), cohort, keys, chunk_size)
+
+    @jax.jit
+    def bucket_outputs(params, cohort, key):
+        simulation.check_cohort(cohort)
+        return simulation.run_clients(client_update, params, cohort, key, chunk_size=chunk_size)
+
+    def server_step(state, delta, agg_state, metrics):
+        updates, opt_state = server_optimizer.update(delta, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, delta_norm=optax.tree.norm(delta))
+        return ServerState(params, opt_state, agg_state, state.round + 1), metrics
+
+    @jax.jit
+    def finish_streaming(state, parts):
+        total = jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *parts)
+        delta_sum, wsum, metric_sums, bad, count = total
+        denom = jnp.where(wsum > 0, wsum, 1.0)
+        delta = jax.tree.map(lambda s: s / denom.astype(s.dtype), delta_sum)
+        metrics = {f"client_{k}": v / denom for k, v in metric_sums.items()}
+        metrics.update(num_nonfinite=bad, total_weight=wsum, num_clients=count)
+        return server_step(state, delta, state.aggregator_state, metrics)
+
+    @jax.jit
+    def finish_outputs(state, out: ClientOutput, key):
+        agg_key = fl_random.stream(key, "aggregate")
+        agg_state, delta, agg_metrics = aggregator.aggregate(
+            state.aggregator_state, out.delta, out.weight, agg_key
+        )
+        present = out.weight > 0
+        w = jnp.where(present, out.weight, 0.0)
+        wsum = jnp.maximum(jnp.sum(w), 1e-12)
+        metrics = {
+            f"client_{k}": jnp.sum(jnp.where(present, v, 0.0) * w) / wsum for k, v in out.metrics.items()
+        }
+        metrics.update(agg_metrics)
+        return server_step(state, delta, agg_state, metrics)
+
+    def update(state: ServerState, cohorts: Sequence[Cohort], key: jax.Array) -> tuple[ServerState, dict]:
+        if not cohorts:
+            raise ValueError("no bucket cohorts given")
+        if streaming:
+            return finish_streaming(state, [bucket_sums(state.params, c, key) for c in cohorts])
+        outs = [bucket_outputs(state.params, c, key) for c in cohorts]
+        total = sum(int(o.weight.shape[0]) for o in outs)
+        pad = capacity(total) - total  # zero-weight slots: few distinct aggregation shapes
+        if pad:
+            outs.append(jax.tree.map(lambda a: jnp.zeros((pad,) + a.shape[1:], a.dtype), outs[0]))
+        out = jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
+        return finish_outputs(state, out, key)
+
+    return BucketedAlgorithm(init, update)
