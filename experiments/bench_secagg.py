@@ -87,7 +87,9 @@ def run_setting(n: int, dim: int, dropout: float, graph: str, k: int, rng: np.ra
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run")
-    p.add_argument("--budget-sec", type=float, default=600.0, help="skip settings once this much time is spent")
+    p.add_argument(
+        "--budget-sec", type=float, default=600.0, help="skip settings once this much time is spent"
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     rng = np.random.default_rng(args.seed)
@@ -112,7 +114,9 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     for n, dim, dropout, graph, k in settings:
         if time.perf_counter() - start > args.budget_sec:
-            print(f"skipped n={n} dim={dim} dropout={dropout} graph={graph}: time budget spent", file=sys.stderr)
+            print(
+                f"skipped n={n} dim={dim} dropout={dropout} graph={graph}: time budget spent", file=sys.stderr
+            )
             continue
         print(json.dumps(run_setting(n, dim, dropout, graph, k, rng)), flush=True)
 

@@ -33,7 +33,12 @@ ADVERTISE_KEYS = 0
 SHARE_KEYS = 1
 MASKED_INPUT = 2
 UNMASK = 3
-STEP_NAMES = {ADVERTISE_KEYS: "advertise_keys", SHARE_KEYS: "share_keys", MASKED_INPUT: "masked_input", UNMASK: "unmask"}
+STEP_NAMES = {
+    ADVERTISE_KEYS: "advertise_keys",
+    SHARE_KEYS: "share_keys",
+    MASKED_INPUT: "masked_input",
+    UNMASK: "unmask",
+}
 
 
 class ProtocolError(Exception):

@@ -145,7 +145,9 @@ def _ids(data: bytes, n: int) -> list[int]:
 class Client:
     """One client's side of one round. Call the four steps in order."""
 
-    def __init__(self, index: int, signing_key, verify_keys, config: SecAggConfig, num_clients: int, round_id: int):
+    def __init__(
+        self, index: int, signing_key, verify_keys, config: SecAggConfig, num_clients: int, round_id: int
+    ):
         self.u, self.n, self.config, self.round_id = index, num_clients, config, round_id
         self._sign, self._verify = signing_key, verify_keys
         self.bits = config.ring_bits(num_clients)
@@ -169,7 +171,10 @@ class Client:
             raise UnexpectedMessage(f"client {self.u} already advertised its keys")
         self._c, self._s = x25519.X25519PrivateKey.generate(), x25519.X25519PrivateKey.generate()
         self._step = msg.SHARE_KEYS
-        return self._seal(msg.ADVERTISE_KEYS, msg.pack_fields([k.public_key().public_bytes(*_RAW) for k in (self._c, self._s)]))
+        return self._seal(
+            msg.ADVERTISE_KEYS,
+            msg.pack_fields([k.public_key().public_bytes(*_RAW) for k in (self._c, self._s)]),
+        )
 
     def share_keys(self, data: bytes) -> bytes:
         fields = self._open(data, msg.SHARE_KEYS)
@@ -185,11 +190,18 @@ class Client:
                 raw, self._verify, step=msg.ADVERTISE_KEYS, round_id=self.round_id, recipient=msg.SERVER
             )
             keys = msg.unpack_fields(payload)
-            if header.sender not in graph or header.sender in self._peers or len(keys) != 2 or any(len(k) != KEY_LEN for k in keys):
+            if (
+                header.sender not in graph
+                or header.sender in self._peers
+                or len(keys) != 2
+                or any(len(k) != KEY_LEN for k in keys)
+            ):
                 raise MalformedMessage(f"bad advertisement from {header.sender} for client {self.u}")
             self._peers[header.sender] = (keys[0], keys[1])
         if len(self._peers) + 1 < self.t:
-            raise ProtocolAbort(f"client {self.u}: {len(self._peers) + 1} share holders alive < threshold {self.t}")
+            raise ProtocolAbort(
+                f"client {self.u}: {len(self._peers) + 1} share holders alive < threshold {self.t}"
+            )
         self._b = os.urandom(SEED_LEN)
         holders = sorted(self._peers) + [self.u]
         xs = [h + 1 for h in holders]
@@ -199,7 +211,10 @@ class Client:
         self._held = {self.u: (shares_b[self.u], shares_s[self.u])}  # shares this client holds, by owner
         recipients, cts = sorted(self._peers), []
         for v in recipients:
-            key = kdf(self._c.exchange(x25519.X25519PublicKey.from_public_bytes(self._peers[v][0])), b"fljax-secagg enc")
+            key = kdf(
+                self._c.exchange(x25519.X25519PublicKey.from_public_bytes(self._peers[v][0])),
+                b"fljax-secagg enc",
+            )
             plain = msg.pack_fields([msg.pack_ints([self.u, v]), shares_b[v], shares_s[v]])
             nonce = os.urandom(12)
             cts.append(nonce + AESGCM(key).encrypt(nonce, plain, self._aad(self.u, v)))
@@ -220,7 +235,10 @@ class Client:
         for v, ct in zip(senders, fields[1:], strict=True):
             if v not in self._peers or v in self._held or len(ct) < 12:
                 raise MalformedMessage(f"unexpected shares from {v} for client {self.u}")
-            key = kdf(self._c.exchange(x25519.X25519PublicKey.from_public_bytes(self._peers[v][0])), b"fljax-secagg enc")
+            key = kdf(
+                self._c.exchange(x25519.X25519PublicKey.from_public_bytes(self._peers[v][0])),
+                b"fljax-secagg enc",
+            )
             try:
                 plain = AESGCM(key).decrypt(ct[:12], ct[12:], self._aad(v, self.u))
             except InvalidTag:
@@ -230,14 +248,19 @@ class Client:
                 raise MalformedMessage(f"shares from {v} name the wrong parties")
             self._held[v] = (parts[1], parts[2])
         if len(self._held) < self.t:
-            raise ProtocolAbort(f"client {self.u}: {len(self._held)} share holders alive < threshold {self.t}")
+            raise ProtocolAbort(
+                f"client {self.u}: {len(self._held)} share holders alive < threshold {self.t}"
+            )
         x = np.asarray(values, np.uint32)
         mask = np.uint32((1 << self.bits) - 1)
         if x.ndim != 1 or np.any(x & ~mask):
             raise ValueError("values must be a [dim] uint32 vector in Z_(2**bits)")
         y = x + prg(self._b, x.size, self.bits)
         for v in senders:
-            seed = kdf(self._s.exchange(x25519.X25519PublicKey.from_public_bytes(self._peers[v][1])), b"fljax-secagg mask")
+            seed = kdf(
+                self._s.exchange(x25519.X25519PublicKey.from_public_bytes(self._peers[v][1])),
+                b"fljax-secagg mask",
+            )
             m = prg(seed, x.size, self.bits)
             y = y + m if self.u < v else y - m
         self._step, self._sent_input = msg.UNMASK, True
@@ -249,13 +272,17 @@ class Client:
             raise MalformedMessage("unmasking request must list survivors and dropped clients")
         survivors, dropped = set(_ids(fields[0], self.n)), set(_ids(fields[1], self.n))
         if survivors & dropped:
-            raise RefusedRequest(f"client {self.u} refuses: clients {sorted(survivors & dropped)} named both survivor and dropped")
+            raise RefusedRequest(
+                f"client {self.u} refuses: clients {sorted(survivors & dropped)} named both survivor and dropped"
+            )
         if self._sent_input and self.u in dropped:
             raise RefusedRequest(f"client {self.u} refuses: it sent its masked input but is named as dropped")
         if self.u not in survivors:
             raise RefusedRequest(f"client {self.u} refuses: not named among the survivors")
         if len(survivors) < self.t:
-            raise ProtocolAbort(f"client {self.u} refuses to unmask: {len(survivors)} survivors < threshold {self.t}")
+            raise ProtocolAbort(
+                f"client {self.u} refuses to unmask: {len(survivors)} survivors < threshold {self.t}"
+            )
         out = []
         for v, (share_b, share_s) in sorted(self._held.items()):
             if v in survivors:
@@ -271,7 +298,9 @@ class Server:
     :meth:`finish_step` to get the replies (``{client: bytes}``) or, after the
     unmasking step, the sum."""
 
-    def __init__(self, signing_key, verify_keys, config: SecAggConfig, num_clients: int, dim: int, round_id: int):
+    def __init__(
+        self, signing_key, verify_keys, config: SecAggConfig, num_clients: int, dim: int, round_id: int
+    ):
         self.n, self.dim, self.config, self.round_id = num_clients, dim, config, round_id
         self._sign, self._verify = signing_key, verify_keys
         self.bits = config.ring_bits(num_clients)
@@ -297,11 +326,18 @@ class Server:
           MalformedMessage, BadSignature, ReplayedMessage, UnexpectedMessage:
           the message is rejected and the server's state is unchanged.
         """
-        header, payload = msg.open_message(data, self._verify, step=self.step, round_id=self.round_id, recipient=msg.SERVER)
+        header, payload = msg.open_message(
+            data, self._verify, step=self.step, round_id=self.round_id, recipient=msg.SERVER
+        )
         u = header.sender
         if u in self._inbox:
             raise ReplayedMessage(f"second {msg.STEP_NAMES[self.step]} message from client {u}")
-        allowed = {msg.ADVERTISE_KEYS: range(self.n), msg.SHARE_KEYS: self.u1, msg.MASKED_INPUT: self.u2, msg.UNMASK: self.u3}
+        allowed = {
+            msg.ADVERTISE_KEYS: range(self.n),
+            msg.SHARE_KEYS: self.u1,
+            msg.MASKED_INPUT: self.u2,
+            msg.UNMASK: self.u3,
+        }
         if u not in allowed[self.step]:
             raise UnexpectedMessage(f"client {u} is not part of step {msg.STEP_NAMES[self.step]}")
         fields = msg.unpack_fields(payload)
@@ -315,7 +351,9 @@ class Server:
                 raise MalformedMessage("empty share message")
             recipients = _ids(fields[0], self.n)
             if len(recipients) != len(fields) - 1 or not set(recipients) <= (self.graph[u] & self.u1):
-                raise MalformedMessage(f"shares from {u} addressed to clients that are not its live neighbours")
+                raise MalformedMessage(
+                    f"shares from {u} addressed to clients that are not its live neighbours"
+                )
             parsed = dict(zip(recipients, fields[1:], strict=True))
         elif self.step == msg.MASKED_INPUT:
             if len(fields) != 1:
@@ -337,7 +375,9 @@ class Server:
 
     def _need(self, alive: set[int], what: str) -> None:
         if len(alive) < self.t:
-            raise ProtocolAbort(f"{what}: {len(alive)} clients alive < threshold {self.t}; nothing is revealed")
+            raise ProtocolAbort(
+                f"{what}: {len(alive)} clients alive < threshold {self.t}; nothing is revealed"
+            )
 
     def _send(self, v: int, step: int, fields: list[bytes]) -> bytes:
         data = msg.seal(self._sign, msg.Header(step, self.round_id, msg.SERVER, v), msg.pack_fields(fields))
@@ -348,11 +388,13 @@ class Server:
         inbox, self._inbox = self._inbox, {}
         step = self.step
         if step == msg.ADVERTISE_KEYS:
-            self.adverts, self.u1 = inbox, set(inbox)  # type: ignore[assignment]
+            self.adverts, self.u1 = inbox, set(inbox)
             self._need(self.u1, "advertise_keys")
             order = msg.pack_ints(self.order)
             out = {
-                v: self._send(v, msg.SHARE_KEYS, [order] + [self.adverts[w][2] for w in sorted(self.graph[v] & self.u1)])
+                v: self._send(
+                    v, msg.SHARE_KEYS, [order] + [self.adverts[w][2] for w in sorted(self.graph[v] & self.u1)]
+                )
                 for v in sorted(self.u1)
             }
         elif step == msg.SHARE_KEYS:
@@ -360,8 +402,10 @@ class Server:
             self._need(self.u2, "share_keys")
             out = {}
             for v in sorted(self.u2):
-                senders = [w for w in sorted(self.u2) if v in inbox[w]]  # type: ignore[operator]
-                out[v] = self._send(v, msg.MASKED_INPUT, [msg.pack_ints(senders)] + [inbox[w][v] for w in senders])  # type: ignore[index]
+                senders = [w for w in sorted(self.u2) if v in inbox[w]]
+                out[v] = self._send(
+                    v, msg.MASKED_INPUT, [msg.pack_ints(senders)] + [inbox[w][v] for w in senders]
+                )
         elif step == msg.MASKED_INPUT:
             self.masked, self.u3 = inbox, set(inbox)
             self._need(self.u3, "masked_input")
@@ -394,12 +438,17 @@ class Server:
         for d in sorted(self.dropped):
             got = shares.get((d, 1), {})
             if len(got) < self.t:
-                raise ProtocolAbort(f"only {len(got)} shares of dropped client {d}'s key < threshold {self.t}")
+                raise ProtocolAbort(
+                    f"only {len(got)} shares of dropped client {d}'s key < threshold {self.t}"
+                )
             sk = x25519.X25519PrivateKey.from_private_bytes(shamir.combine(got, self.t, KEY_LEN))
             if sk.public_key().public_bytes(*_RAW) != self.adverts[d][1]:
                 raise ProtocolError(f"reconstructed key of client {d} does not match its advertised key")
             for v in sorted(self.graph[d] & self.u3):
-                seed = kdf(sk.exchange(x25519.X25519PublicKey.from_public_bytes(self.adverts[v][1])), b"fljax-secagg mask")
+                seed = kdf(
+                    sk.exchange(x25519.X25519PublicKey.from_public_bytes(self.adverts[v][1])),
+                    b"fljax-secagg mask",
+                )
                 m = prg(seed, self.dim, self.bits)
                 total = total - m if v < d else total + m  # v added +m iff v < d
         return total & mask

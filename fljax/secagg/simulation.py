@@ -101,9 +101,7 @@ class Masks(NamedTuple):
     holders_alive: jax.Array
 
 
-def make_masks(
-    survived: jax.Array, dim: int, key: jax.Array, config: SecAggConfig, bits: int
-) -> Masks:
+def make_masks(survived: jax.Array, dim: int, key: jax.Array, config: SecAggConfig, bits: int) -> Masks:
     """Generate every client's masks and the server's dropout correction.
 
     Args:

@@ -21,7 +21,15 @@ def test_bench_secagg_quick():
     rows = [r for r in lines if r["bench"] == "secagg_protocol"]
     assert len(rows) >= 2
     for r in rows:
-        for field in ("clients", "dim", "dropout", "client_sec", "server_sec", "client_bytes_sent", "server_bytes_received"):
+        for field in (
+            "clients",
+            "dim",
+            "dropout",
+            "client_sec",
+            "server_sec",
+            "client_bytes_sent",
+            "server_bytes_received",
+        ):
             assert field in r
         assert r["client_sec"] > 0 and r["server_bytes_received"] > 0
     assert {r["graph"] for r in rows} >= {"complete"}

@@ -59,7 +59,9 @@ def test_bit_width_never_wraps_at_extremes():
     bits = cfg.ring_bits(n)
     for sign in (1.0, -1.0):
         x = jnp.full((n, 3), 5.0 * sign, jnp.float32)  # beyond the range: clipped to +-1
-        enc = encoding.encode(x, jnp.full((n,), 7.0, jnp.float32), jax.random.key(2 if sign > 0 else 3), cfg, bits)
+        enc = encoding.encode(
+            x, jnp.full((n,), 7.0, jnp.float32), jax.random.key(2 if sign > 0 else 3), cfg, bits
+        )
         s, w = encoding.decode(encoding.ring_sum(enc.values, bits), cfg, bits)
         np.testing.assert_array_equal(np.asarray(s), np.full(3, sign * n, np.float32))
         assert float(w) == n

@@ -71,7 +71,12 @@ def test_protocol_equals_simulation_and_plain_sum(neighbors):
         {messages.SHARE_KEYS: {3}},
         {messages.MASKED_INPUT: {1, 8}},
         {messages.UNMASK: {4, 5}},
-        {messages.ADVERTISE_KEYS: {9}, messages.SHARE_KEYS: {0}, messages.MASKED_INPUT: {6}, messages.UNMASK: {2}},
+        {
+            messages.ADVERTISE_KEYS: {9},
+            messages.SHARE_KEYS: {0},
+            messages.MASKED_INPUT: {6},
+            messages.UNMASK: {2},
+        },
     ],
 )
 def test_dropouts_at_every_step(dropouts):
@@ -93,7 +98,9 @@ def test_sparse_graph_with_dropouts():
     np.testing.assert_array_equal(result.total, _plain(values, result.survivors, bits))
 
 
-@pytest.mark.parametrize("step", [messages.ADVERTISE_KEYS, messages.SHARE_KEYS, messages.MASKED_INPUT, messages.UNMASK])
+@pytest.mark.parametrize(
+    "step", [messages.ADVERTISE_KEYS, messages.SHARE_KEYS, messages.MASKED_INPUT, messages.UNMASK]
+)
 def test_below_threshold_aborts(step):
     n = 9  # threshold 7
     cfg = SecAggConfig(bits=16, clip_range=1.0, frac_bits=4, weight_bits=4)
@@ -124,7 +131,10 @@ def test_masked_input_uniform_and_abort_reveals_nothing():
     zero = np.zeros(dim, np.uint32)
     y0 = clients[0].masked_input(out[0], zero)
     server.receive(y0)
-    y = protocol.unpack_vector(messages.unpack_fields(messages.peek(y0) and y0[26:-64])[0], dim, 16)
+    _, payload = messages.open_message(
+        y0, keys.verify_keys, step=messages.MASKED_INPUT, round_id=7, recipient=messages.SERVER
+    )
+    y = protocol.unpack_vector(messages.unpack_fields(payload)[0], dim, 16)
     counts = np.bincount((y >> np.uint32(10)).astype(np.int64), minlength=64)
     assert stats.chisquare(counts).pvalue > 1e-3  # an all-zero input looks uniform
     # Only 1 of 6 masked inputs arrives (< threshold 5): the server aborts before asking for shares.
@@ -153,7 +163,11 @@ def test_client_refuses_to_reveal_both_masks():
 
     def request(survivors, dropped):
         fields = [messages.pack_ints(survivors), messages.pack_ints(dropped)]
-        return messages.seal(keys.server_key, messages.Header(messages.UNMASK, 7, messages.SERVER, 0), messages.pack_fields(fields))
+        return messages.seal(
+            keys.server_key,
+            messages.Header(messages.UNMASK, 7, messages.SERVER, 0),
+            messages.pack_fields(fields),
+        )
 
     with pytest.raises(RefusedRequest, match="named both"):
         clients[0].unmask(request([0, 1, 2, 3, 4, 5], [3]))
@@ -176,7 +190,9 @@ def test_rejects_malformed_replayed_and_forged_messages():
     with pytest.raises(BadSignature):
         server.receive(bytes(tampered))
     # Client 2's message re-signed by client 3's key: wrongly signed.
-    header, payload = messages.peek(adv[2]), adv[2][26:-64]
+    header, payload = messages.open_message(
+        adv[2], keys.verify_keys, step=messages.ADVERTISE_KEYS, round_id=7, recipient=messages.SERVER
+    )
     with pytest.raises(BadSignature):
         server.receive(messages.seal(keys.client_keys[3], header, payload))
     # A message from another round (replay across rounds).
@@ -184,11 +200,15 @@ def test_rejects_malformed_replayed_and_forged_messages():
     with pytest.raises(ReplayedMessage, match="round 6 replayed in round 7"):
         server.receive(old)
     # Wrong step.
-    wrong = messages.seal(keys.client_keys[4], messages.Header(messages.UNMASK, 7, 4, messages.SERVER), payload)
+    wrong = messages.seal(
+        keys.client_keys[4], messages.Header(messages.UNMASK, 7, 4, messages.SERVER), payload
+    )
     with pytest.raises(UnexpectedMessage, match="expected step advertise_keys"):
         server.receive(wrong)
     # A well-signed message with a malformed payload.
-    bad = messages.seal(keys.client_keys[5], messages.Header(0, 7, 5, messages.SERVER), messages.pack_fields([b"x"]))
+    bad = messages.seal(
+        keys.client_keys[5], messages.Header(0, 7, 5, messages.SERVER), messages.pack_fields([b"x"])
+    )
     with pytest.raises(MalformedMessage, match="two 32-byte keys"):
         server.receive(bad)
     # The rejected messages changed nothing: the round completes.

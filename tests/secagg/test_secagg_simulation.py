@@ -19,7 +19,9 @@ def _plain_sum(values, survived, bits):
     "n,neighbors,bits", [(2, None, 32), (7, None, 20), (8, None, 32), (12, 4, 24), (11, 3, 9), (16, 6, 32)]
 )
 def test_sum_equals_plain_sum_under_dropout(n, neighbors, bits):
-    cfg = SecAggConfig(num_neighbors=neighbors, bits=bits, frac_bits=0, clip_range=1.0, weight_bits=0, threshold=1)
+    cfg = SecAggConfig(
+        num_neighbors=neighbors, bits=bits, frac_bits=0, clip_range=1.0, weight_bits=0, threshold=1
+    )
     fn = jax.jit(lambda v, s, k: simulation.secure_sum(v, s, k, cfg, bits))
     root = jax.random.key(n * 100 + bits)
     for trial in range(4):
