@@ -75,7 +75,7 @@ def dp_sgd_gradient(
     if not noise_multiplier >= 0:
         raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
     per_example = per_example_gradients(model, loss_fn)
-    std = float(noise_multiplier) * float(l2_norm_clip)
+    std = float(noise_multiplier) * float(l2_norm_clip) if noise_multiplier > 0 else 0.0
 
     def gradient(params, x, y, mask, key):
         if mask.shape != (batch_size,):
