@@ -277,7 +277,7 @@ def main(argv=None) -> dict:
     summary = {"name": config["name"], "rounds": config["rounds"], "final": records[-1] if records else {},
                "privacy": {"epsilon": float("inf"), "note": "no differential privacy configured"}}
     if "partition_report" in data:
-        summary["partition"] = {k: v for k, v in data["partition_report"].items() if not isinstance(v, list)}
+        summary["partition"] = data["partition_report"]
 
     baselines = config.get("baselines", ())
     table = None
@@ -301,13 +301,17 @@ def main(argv=None) -> dict:
         summary["per_client_test_accuracy"] = table
         print_table(table, test_data)
     summary["wall_sec"] = time.perf_counter() - t_start
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_jsonable))
     plot(records, table, out / "curves.png", config["name"])
     final = records[-1]
     shown = {k: round(final[k], 4) for k in ("test_accuracy", "fed_mean_accuracy", "fed_weighted_accuracy")
              if k in final}
     print(f"done in {summary['wall_sec']:.1f}s: {shown}; metrics, summary and plot in {out}", flush=True)
     return summary
+
+
+def _jsonable(o):
+    return o.tolist() if hasattr(o, "tolist") else str(o)
 
 
 def print_table(table: dict, test_data: FederatedData) -> None:

@@ -135,12 +135,12 @@ def trimmed_mean(trim_fraction: float) -> Aggregator:
         raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
 
     def reduce(x):
-        n = jnp.sum(~jnp.isnan(x[(slice(None),) + (0,) * (x.ndim - 1)]))
-        k = jnp.floor(trim_fraction * n).astype(jnp.int32)
+        n = jnp.sum(~jnp.isnan(x[(slice(None),) + (0,) * (x.ndim - 1)])).astype(jnp.int32)
+        k = jnp.floor(trim_fraction * n.astype(jnp.float32)).astype(jnp.int32)
         s = jnp.sort(x, axis=0)  # NaNs (non-participants) sort last
         idx = jnp.arange(x.shape[0]).reshape((-1,) + (1,) * (x.ndim - 1))
         keep = (idx >= k) & (idx < n - k)
         total = jnp.sum(jnp.where(keep, s, 0.0), axis=0)
-        return total / jnp.maximum(n - 2 * k, 1)
+        return total / jnp.maximum(n - 2 * k, 1).astype(total.dtype)
 
     return _coordinate_robust(reduce)

@@ -1,0 +1,128 @@
+"""Every algorithm through the same checks, plus the equivalences between them."""
+
+import contextlib
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fljax import client, losses
+from fljax.algorithms import fedavg, fedavgm, fedopt, fedprox, fedsgd
+from tests import helpers
+
+
+def _local():
+    return helpers.local_sgd(batch_size=4, num_epochs=1)
+
+
+ALGORITHMS = {
+    "fedavg": lambda: fedavg.fedavg(_local()),
+    "fedavgm": lambda: fedavgm.fedavgm(_local(), server_learning_rate=0.5),
+    "fedadam": lambda: fedopt.fedadam(_local(), server_learning_rate=0.05),
+    "fedyogi": lambda: fedopt.fedyogi(_local(), server_learning_rate=0.05),
+    "fedadagrad": lambda: fedopt.fedadagrad(_local(), server_learning_rate=0.05),
+    "fedprox": lambda: fedprox.fedprox(helpers.model(), optax.sgd(0.1), mu=0.1, batch_size=4),
+    "fedsgd": lambda: fedsgd.fedsgd(helpers.model(), learning_rate=0.5),
+}
+
+POP_SIZES = [6, 3, 9, 5]
+
+
+# optax's Adam-family bias correction mixes its int32 step count with Python
+# floats, which jax's strict dtype-promotion mode (tests/conftest.py) rejects;
+# those server optimizers run under standard promotion.
+STANDARD_PROMOTION = {"fedadam", "fedyogi"}
+
+
+@functools.cache
+def _jitted(name):
+    algo = ALGORITHMS[name]()
+    return algo, jax.jit(algo.update)
+
+
+def _round(algo_or_name, ids, key, rounds=1):
+    if isinstance(algo_or_name, str):
+        algo, update = _jitted(algo_or_name)
+    else:
+        algo, update = algo_or_name, jax.jit(algo_or_name.update)
+    ctx = jax.numpy_dtype_promotion("standard") if algo_or_name in STANDARD_PROMOTION else contextlib.nullcontext()
+    pop = helpers.population(POP_SIZES)
+    with ctx:
+        state = algo.init(helpers.params())
+        for r in range(rounds):
+            state, metrics = update(state, pop.cohort(ids, num_examples=9), jax.random.fold_in(key, r))
+    return state, metrics
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_same_key_same_result_different_key_different(name):
+    a, _ = _round(name, [0, 1, 2, 3], jax.random.key(0), rounds=2)
+    b, _ = _round(name, [0, 1, 2, 3], jax.random.key(0), rounds=2)
+    helpers.assert_trees_equal(a.params, b.params)
+    if name != "fedsgd":  # full-batch gradients use no randomness
+        c, _ = _round(name, [0, 1, 2, 3], jax.random.key(1), rounds=2)
+        assert any(
+            not np.array_equal(np.asarray(x), np.asarray(y))
+            for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(c.params))
+        )
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_padding_slots_change_nothing(name):
+    a, _ = _round(name, [0, 2], jax.random.key(0))
+    b, _ = _round(name, [0, 2, -1, -1], jax.random.key(0))
+    helpers.assert_trees_close(a.params, b.params, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_metrics_are_finite_scalars_and_round_counts(name):
+    state, metrics = _round(name, [0, 1, 2, 3], jax.random.key(0), rounds=2)
+    assert int(state.round) == 2
+    for k, v in metrics.items():
+        assert np.shape(v) == (), k
+        assert np.isfinite(float(v)), k
+
+
+def test_fedprox_with_mu_zero_equals_fedavg():
+    a, _ = _round(fedprox.fedprox(helpers.model(), optax.sgd(0.1), mu=0.0, batch_size=4), [0, 1, 2],
+                  jax.random.key(0))
+    b, _ = _round(fedavg.fedavg(helpers.local_sgd(optimizer=optax.sgd(0.1), batch_size=4, num_epochs=1)),
+                  [0, 1, 2], jax.random.key(0))
+    helpers.assert_trees_equal(a.params, b.params)
+
+
+def test_fedavgm_without_momentum_equals_fedavg():
+    a, _ = _round(fedavgm.fedavgm(_local(), server_momentum=0.0), [0, 1, 2], jax.random.key(0))
+    b, _ = _round(fedavg.fedavg(_local()), [0, 1, 2], jax.random.key(0))
+    helpers.assert_trees_close(a.params, b.params, rtol=1e-6, atol=1e-7)
+
+
+def test_fedsgd_equals_centralised_gradient_step():
+    pop = helpers.population(POP_SIZES)
+    lr = 0.5
+    state, _ = _round(fedsgd.fedsgd(helpers.model(), learning_rate=lr), [0, 1, 2, 3], jax.random.key(0))
+    x, y = pop.pooled()
+    params = helpers.params()
+    g = jax.grad(lambda p: jnp.mean(losses.softmax_cross_entropy(helpers.model().apply(p, x), y)))(params)
+    expected = jax.tree.map(lambda p, gg: p - lr * gg, params, g)
+    helpers.assert_trees_close(state.params, expected)
+
+
+def test_fedavg_one_client_one_step_equals_optimizer_step():
+    pop = helpers.population([4])
+    opt = optax.sgd(0.1, momentum=0.9)
+    algo = fedavg.fedavg(client.local_sgd(helpers.model(), opt, batch_size=4))
+    params = helpers.params()
+    state, _ = algo.update(algo.init(params), pop.cohort([0]), jax.random.key(0))
+    x, y = pop.pooled()
+    g = jax.grad(lambda p: jnp.mean(losses.softmax_cross_entropy(helpers.model().apply(p, x), y)))(params)
+    updates, _ = opt.update(g, opt.init(params), params)
+    helpers.assert_trees_close(state.params, optax.apply_updates(params, updates))
+
+
+def test_fedprox_rejects_negative_mu():
+    with pytest.raises(ValueError, match="mu"):
+        fedprox.fedprox(helpers.model(), optax.sgd(0.1), mu=-1.0, batch_size=4)
