@@ -138,24 +138,26 @@ def assign(
     client_ids: np.ndarray,
     p: Plan,
     *,
+    slots: int = 16,
     max_steps: int | None = None,
-    chunk_size: int | None = None,
 ) -> list[tuple[int, np.ndarray]]:
     """Place a cohort's clients into buckets.
 
     Walks the buckets from the longest down: bucket ``b`` must take every
-    remaining client longer than bucket ``b-1``; its slot count is
-    :func:`capacity` of that, and spare slots take the next-largest clients.
+    remaining client longer than bucket ``b-1``, rounded up to a multiple of
+    ``slots``, and spare slots take the next-largest clients (so only the
+    shortest bucket can hold empty slots).
 
     Args:
       sizes: ``[clients]`` examples of each cohort client.
       client_ids: ``[clients]`` their population ids (``-1`` entries are ignored).
       p: the :class:`Plan`.
+      slots: clients per compiled call: every call has shape ``[slots, length]``,
+        so each bucket length compiles exactly once whatever the cohort.
       max_steps: local step cap used for the plan.
-      chunk_size: see :func:`capacity`.
 
     Returns:
-      ``[(length, ids)]`` for the non-empty buckets, ``ids`` padded with ``-1``.
+      ``[(length, ids[slots])]``, one entry per call, ``ids`` padded with ``-1``.
     """
     ids = np.asarray(client_ids, np.int64)
     real = ids >= 0
@@ -173,14 +175,14 @@ def assign(
         needed = int(np.sum(steps[start:] > below))
         if b == 0:
             needed = len(ids) - start
-        cap = capacity(needed, chunk_size)
+        cap = -(-needed // slots) * slots
         if cap == 0:
             continue
         take = ids[start : start + cap]
         start += len(take)
-        slots = np.full(cap, -1, np.int64)
-        slots[: len(take)] = take
-        out.append((p.lengths[b], slots))
+        padded = np.full(cap, -1, np.int64)
+        padded[: len(take)] = take
+        out.extend((p.lengths[b], call) for call in padded.reshape(-1, slots)[::-1])
     return out[::-1]
 
 
@@ -190,26 +192,26 @@ def split(
     client_mask: np.ndarray | None,
     p: Plan,
     *,
+    slots: int = 16,
     max_steps: int | None = None,
-    chunk_size: int | None = None,
 ) -> list[Cohort]:
-    """Gather a cohort as a list of bucket :class:`Cohort` (host numpy), longest last.
+    """Gather a cohort as a list of ``[slots, length]`` :class:`Cohort` (host numpy), longest last.
 
     Args:
       data: the population.
       client_ids: ``[cohort]`` ids from a sampler (``-1`` = padding slot).
       client_mask: optional ``[cohort]`` bool from the sampler.
       p: the :class:`Plan`.
+      slots: clients per call (see :func:`assign`).
       max_steps: the local step cap (also caps the padded length).
-      chunk_size: see :func:`capacity`.
     """
     ids = np.asarray(client_ids, np.int64)
     if client_mask is not None:
         ids = np.where(np.asarray(client_mask, bool), ids, -1)
     sizes = np.where(ids >= 0, data.sizes[np.maximum(ids, 0)], 0)
     return [
-        data.cohort(slots, num_examples=length)
-        for length, slots in assign(sizes, ids, p, max_steps=max_steps, chunk_size=chunk_size)
+        data.cohort(call, num_examples=length)
+        for length, call in assign(sizes, ids, p, slots=slots, max_steps=max_steps)
     ]
 
 
@@ -319,9 +321,10 @@ def bucketed_algorithm(
         metrics = dict(metrics, delta_norm=optax.tree.norm(delta))
         return ServerState(params, opt_state, agg_state, state.round + 1), metrics
 
+    add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+
     @jax.jit
-    def finish_streaming(state, parts):
-        total = jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *parts)
+    def finish_streaming(state, total):
         delta_sum, wsum, metric_sums, bad, count = total
         denom = jnp.where(wsum > 0, wsum, 1.0)
         delta = jax.tree.map(lambda s: s / denom.astype(s.dtype), delta_sum)
@@ -348,7 +351,10 @@ def bucketed_algorithm(
         if not cohorts:
             raise ValueError("no bucket cohorts given")
         if streaming:
-            return finish_streaming(state, [bucket_sums(state.params, c, key) for c in cohorts])
+            total = bucket_sums(state.params, cohorts[0], key)
+            for c in cohorts[1:]:  # one compiled add, whatever the number of calls
+                total = add(total, bucket_sums(state.params, c, key))
+            return finish_streaming(state, total)
         outs = [bucket_outputs(state.params, c, key) for c in cohorts]
         total = sum(int(o.weight.shape[0]) for o in outs)
         pad = capacity(total) - total  # zero-weight slots: few distinct aggregation shapes

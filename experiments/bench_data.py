@@ -1,0 +1,136 @@
+"""many_small benchmark: heavy-tailed cross-device cohorts (BENCHMARKS.md).
+
+28x28x1 inputs (uint8, cast in the model), 62 classes, MLP 784-200-200-62;
+10,000 clients with log-normal sizes (median 100, largest 1,000); 1 local
+epoch of SGD at batch 20; cohorts of 100, 1,000 and 10,000 clients. Random
+synthetic data (timing only). fljax's strategy: size buckets
+(:mod:`fljax.data.bucketing`, 12 bucket lengths from the population), with
+the next cohort gathered in a background thread (:mod:`fljax.data.prefetch`).
+The naive strategy pads every client to the largest (1,000 examples = 50
+steps); its padding fraction is computed for the same cohorts.
+
+Prints one JSON object per cohort:
+  {"bench": "many_small", "cohort", "padding_fraction", "naive_padding_fraction",
+   "client_updates_per_sec", "sec_per_round", "compile_sec", "rounds", "peak_rss_mb", ...}
+
+Command: ``python experiments/bench_data.py`` (``--quick``: a seconds-long smoke run).
+Every call has shape ``[slots, bucket length]``, so each bucket length
+compiles once, in a warm-up call with one client of every bucket
+(``compile_sec``); cohort 10,000 is timed over one round, smaller cohorts
+over ``--rounds`` rounds (median).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fljax import client, models, simulation
+from fljax.data import FederatedData, bucketing, prefetch, sampling
+
+
+def population(num_clients: int, median: int, max_size: int, seed: int) -> FederatedData:
+    rng = np.random.default_rng(seed)
+    sigma = np.log(max_size / median) / 3.7  # the largest of ~10,000 draws lands near max_size
+    sizes = np.clip(np.round(np.exp(rng.normal(np.log(median), sigma, num_clients))), 1, max_size).astype(
+        np.int64
+    )
+    sizes[np.argmax(sizes)] = max_size
+    n = int(sizes.sum())
+    x = rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
+    y = rng.integers(0, 62, n).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    return FederatedData(x=x, y=y, offsets=offsets, num_classes=62)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="seconds-long smoke run")
+    ap.add_argument("--cohorts", type=int, nargs="*", default=None)
+    ap.add_argument("--rounds", type=int, default=3, help="measured rounds (cohorts <= 1,000)")
+    ap.add_argument("--num-buckets", type=int, default=12)
+    ap.add_argument("--slots", type=int, default=256, help="clients per compiled call (at most)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.quick:
+        num_clients, median, max_size, cohorts, hidden = 300, 20, 200, args.cohorts or [16, 64], (32, 32)
+    else:
+        num_clients, median, max_size, cohorts, hidden = (
+            10_000,
+            100,
+            1000,
+            args.cohorts or [100, 1000, 10_000],
+            (200, 200),
+        )
+    batch = 20
+    data = population(num_clients, median, max_size, args.seed)
+    model = models.MLP(hidden=hidden, num_classes=62)
+    apply = lambda p, x: model.apply(p, x.astype(jnp.float32) / 255.0)
+    run_key = jax.random.key(args.seed)
+    params = models.init_params(model, (28, 28, 1), jax.random.fold_in(run_key, 10**6))
+    update = client.local_sgd(apply, optax.sgd(0.05), batch_size=batch)
+    plan = bucketing.plan(data.sizes, batch, num_buckets=args.num_buckets)
+    for cohort_size in cohorts:
+        slots = max(8, min(args.slots, cohort_size // 16))
+        algo = bucketing.bucketed_algorithm(update, optax.sgd(1.0))
+        state = algo.init(params)
+        big = cohort_size >= 10_000 and not args.quick
+        rounds = 1 if big else args.rounds
+        sample_keys = [jax.random.fold_in(jax.random.fold_in(run_key, cohort_size), r) for r in range(rounds)]
+        picks = [sampling.uniform(sample_keys[r], num_clients, cohort_size) for r in range(rounds)]
+        make = lambda r: bucketing.split(data, picks[r][0], picks[r][1], plan, slots=slots)  # noqa: B023
+        # warm-up: one client of every bucket length compiles every shape once
+        steps = bucketing.num_steps(data.sizes, batch)
+        lengths = np.array(plan.lengths) // batch
+        first = [int(np.flatnonzero(lengths[np.searchsorted(lengths, steps)] == b)[0]) for b in lengths]
+        t0 = time.perf_counter()
+        warm = bucketing.split(data, np.array(first), None, plan, slots=slots)
+        _, m = algo.update(state, warm, jax.random.fold_in(run_key, 99))
+        jax.block_until_ready(m)
+        compile_sec = time.perf_counter() - t0
+        times, fractions, naive = [], [], []
+        for r, cohorts_r in enumerate(prefetch.prefetch(make, range(rounds))):
+            t0 = time.perf_counter()
+            state, metrics = algo.update(state, cohorts_r, jax.random.fold_in(run_key, 10_000 + r))
+            jax.block_until_ready(state.params)
+            times.append(time.perf_counter() - t0)
+            fractions.append(bucketing.padding_fraction(cohorts_r, batch))
+            naive.append(
+                bucketing.naive_padding_fraction(data.sizes[picks[r][0]], batch, int(data.sizes.max()))
+            )
+        measured = times
+        sec = float(np.median(measured))
+        line = {
+            "bench": "many_small",
+            "system": "fljax",
+            "cohort": cohort_size,
+            "padding_fraction": round(float(np.mean(fractions)), 4),
+            "naive_padding_fraction": round(float(np.mean(naive)), 4),
+            "client_updates_per_sec": round(cohort_size / sec, 2),
+            "sec_per_round": round(sec, 3),
+            "compile_sec": round(compile_sec, 3),
+            "rounds": len(measured),
+            "num_buckets": len(plan.lengths),
+            "slots": slots,
+            "train_loss": round(float(metrics["client_train_loss"]), 4),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "device": jax.devices()[0].platform,
+            "jax": jax.__version__,
+        }
+        print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    simulation  # noqa: B018  (the bucketed round reuses simulation.run_clients / check_cohort)
+    main()
