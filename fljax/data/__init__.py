@@ -1,6 +1,6 @@
 """Federated data: populations, cohort gathering, sampling, partitioners, loaders."""
 
-from fljax.data import partition, sampling
+from fljax.data import partition, prefetch, sampling
 from fljax.data.federated import FederatedData, to_device
 
-__all__ = ["FederatedData", "partition", "sampling", "to_device"]
+__all__ = ["FederatedData", "partition", "prefetch", "sampling", "to_device"]
