@@ -108,6 +108,7 @@ def local_sgd(
     proximal_mu: float = 0.0,
     unroll: int | bool = 1,
     accelerate: bool = True,
+    compute_dtype: jnp.dtype | None = None,
 ) -> ClientUpdate:
     """Local training for ``num_epochs`` epochs of minibatch optimisation.
 
@@ -129,6 +130,17 @@ def local_sgd(
       gradient: optional replacement for the minibatch gradient, e.g. DP-SGD's
         per-example clipped and noised gradient (``fljax.privacy``).
       proximal_mu: FedProx's proximal term ``mu/2 ||w - w_server||^2``; 0 is FedAvg.
+      unroll: performance setting: ``lax.scan`` unrolling of the local steps
+        (same result up to float reassociation).
+      accelerate: performance setting: run the model through
+        :func:`fljax.fast.accelerate` (convolutions as im2col + matmul and
+        non-overlapping max-pools as maxima on CPU; a no-op for models without
+        them and on GPU/TPU unless ``fljax.nn.set_impl("matmul")``). Same values
+        and gradients up to float reassociation. Ignored when ``gradient`` is given.
+      compute_dtype: performance setting: ``None`` computes in the params' dtype;
+        e.g. ``jnp.bfloat16`` casts params and floating inputs to it for the
+        forward and backward pass (mixed precision; params, optimizer state and
+        deltas stay float32). ``jnp.float32`` changes nothing.
 
     Returns:
       ``client_update(server_params, data, key) -> ClientOutput``; metrics are
@@ -145,6 +157,8 @@ def local_sgd(
     apply_fn = as_apply(model)
     if accelerate:
         apply_fn = fast.accelerate(apply_fn)
+    if compute_dtype is not None:
+        apply_fn = fast.with_compute_dtype(apply_fn, compute_dtype)
     grad_fn = gradient if gradient is not None else masked_mean_gradient(apply_fn, loss_fn)
 
     def client_update(server_params: Params, data: ClientData, key: jax.Array) -> ClientOutput:

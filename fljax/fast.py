@@ -27,6 +27,7 @@ import functools
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
@@ -199,3 +200,23 @@ def accelerate(fn: Callable, *, impl: layers.Impl | None = None) -> Callable:
         return jax.tree.unflatten(jax.tree.structure(out_shape), out)
 
     return wrapped
+
+
+def with_compute_dtype(apply_fn: Callable, dtype) -> Callable:
+    """``apply(params, x)`` computed in ``dtype`` (mixed precision), outputs back in float32.
+
+    Floating params and inputs are cast to ``dtype`` inside the function, so
+    gradients with respect to float32 params come back in float32 (the params,
+    optimizer state and deltas stay float32). ``dtype=float32`` on float32
+    params is the identity.
+    """
+    dtype = jnp.dtype(dtype)
+
+    def cast(a):
+        return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    def apply(params, x, *args, **kwargs):
+        out = apply_fn(jax.tree.map(cast, params), jax.tree.map(cast, x), *args, **kwargs)
+        return jax.tree.map(lambda o: o.astype(jnp.float32) if jnp.issubdtype(o.dtype, jnp.floating) else o, out)
+
+    return apply

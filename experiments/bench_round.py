@@ -1,0 +1,271 @@
+"""Benchmark: the ``seed_cifar`` round (see /work/shared/BENCHMARKS.md).
+
+LeNet (62,006 params) on 32x32x3 inputs, 500 examples per client, batch 32
+(16 steps, the last partial), 1 local epoch, SGD lr 0.01 momentum 0.9, FedAvg;
+cohorts of 10 and 100 clients. Prints one JSON object per measurement:
+
+* ``system: "fljax"``, ``variant`` ``"plain"`` / ``"dp"`` (client-level DP,
+  :func:`fljax.privacy.dp_aggregator`) / ``"secagg"``
+  (:func:`fljax.secagg.secure_aggregator`), with ``ratio_to_plain`` measured in
+  the same run; ``formulation`` names the round's settings.
+* ``system: "hw_bound"``: the same number of examples through the same CNN
+  trained centrally at batch 3,200 (best JAX formulation measured; every
+  formulation tried is printed with ``system: "central"``).
+* ``system: "matmul_peak"``: GFLOP/s of a 2048x2048 float32 matmul, so every
+  number reads as a fraction of the machine's arithmetic limit.
+
+``sec_per_round`` is the median over the measured rounds after one warm-up
+round; ``compile_sec`` (first call: trace + compile + one round) is separate.
+
+Command::
+
+    .venv/bin/python experiments/bench_round.py            # cohorts 10 and 100
+    .venv/bin/python experiments/bench_round.py --quick    # seconds-long smoke run
+    .venv/bin/python experiments/bench_round.py --cohorts 10 --formulations fast,xla
+
+Hardware: 2 CPU cores (shared); see docs/performance.md for results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fljax import client, fast, losses
+from fljax.algorithms import fedavg
+from fljax.base import ClientData, Cohort
+from fljax.models import zoo
+
+BENCH = "seed_cifar"
+
+# formulation name -> local_sgd keyword arguments (performance settings only)
+FORMULATIONS = {
+    "fast": dict(accelerate=True),  # default: conv as im2col + matmul, pool as maxima (on CPU)
+    "xla": dict(accelerate=False),  # XLA's convolution and reduce_window (the naive vmap)
+}
+
+
+def emit(**fields) -> None:
+    base = {"bench": BENCH, "device": jax.default_backend(), "jax": jax.__version__}
+    base.update(fields)
+    print(json.dumps(base), flush=True)
+
+
+def make_cohort(num_clients: int, num_examples: int, image: int, seed: int = 0) -> Cohort:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((num_clients, num_examples, image, image, 3), dtype=np.float32)
+    y = rng.integers(0, 10, (num_clients, num_examples)).astype(np.int32)
+    data = ClientData(x=jnp.asarray(x), y=jnp.asarray(y), mask=jnp.ones((num_clients, num_examples), bool))
+    return Cohort(data=data, client_ids=jnp.arange(num_clients, dtype=jnp.int32), client_mask=jnp.ones(num_clients, bool))
+
+
+def time_rounds(step, state, cohort, rounds: int):
+    """(compile_sec, [round seconds]): first call timed apart, then one warm-up, then ``rounds``."""
+    t = time.perf_counter()
+    state, _ = step(state, cohort, jax.random.key(0))
+    jax.block_until_ready(state)
+    compile_sec = time.perf_counter() - t
+    state, _ = step(state, cohort, jax.random.key(1))  # warm-up round
+    jax.block_until_ready(state)
+    times = []
+    for r in range(rounds):
+        t = time.perf_counter()
+        state, _ = step(state, cohort, jax.random.key(2 + r))
+        jax.block_until_ready(state)
+        times.append(time.perf_counter() - t)
+    return compile_sec, times
+
+
+def aggregator_for(variant: str, cohort_size: int, num_examples: int):
+    """The round's aggregator; raises ImportError when the module is not available."""
+    if variant == "plain":
+        return None
+    if variant == "dp":
+        from fljax import privacy
+
+        cfg = privacy.DPConfig(
+            clip_norm=1.0,
+            noise_multiplier=1.0,
+            population_size=max(cohort_size, 100),
+            cohort_size=cohort_size,
+            sampling="fixed",
+        )
+        return privacy.dp_aggregator(cfg)
+    if variant == "secagg":
+        from fljax import secagg
+
+        max_weight = float(2 ** int(np.ceil(np.log2(num_examples))))
+        return secagg.secure_aggregator(secagg.SecAggConfig(clip_range=1.0, frac_bits=16, max_weight=max_weight))
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def bench_fljax(args, cohort_size: int, cohort: Cohort, model, params, formulation: str, variants) -> dict:
+    num_examples = cohort.data.mask.shape[1]
+    plain_sec = None
+    results = {}
+    for variant in variants:
+        try:
+            aggregator = aggregator_for(variant, cohort_size, num_examples)
+        except (ImportError, AttributeError) as e:  # module being written concurrently
+            emit(system="fljax", variant=variant, cohort=cohort_size, skipped=f"{type(e).__name__}: {e}")
+            continue
+        update = client.local_sgd(
+            model,
+            optax.sgd(0.01, momentum=0.9),
+            batch_size=32,
+            num_epochs=1,
+            loss_fn=losses.softmax_cross_entropy,
+            unroll=args.unroll,
+            **FORMULATIONS[formulation],
+        )
+        algo = fedavg.fedavg(update, aggregator=aggregator, chunk_size=args.chunk_size)
+        step = jax.jit(algo.update)
+        compile_sec, times = time_rounds(step, algo.init(params), cohort, args.rounds)
+        sec = statistics.median(times)
+        fields = dict(
+            system="fljax",
+            variant=variant,
+            formulation=formulation,
+            cohort=cohort_size,
+            sec_per_round=round(sec, 4),
+            examples_per_sec=round(cohort_size * num_examples / sec, 1),
+            compile_sec=round(compile_sec, 2),
+            rounds=len(times),
+            round_times=[round(t, 3) for t in times],
+            chunk_size=args.chunk_size,
+            unroll=args.unroll,
+        )
+        if variant == "plain":
+            plain_sec = sec
+        elif plain_sec is not None:
+            fields["ratio_to_plain"] = round(sec / plain_sec, 3)
+        emit(**fields)
+        results[variant] = sec
+    return results
+
+
+def central_examples_per_sec(model, params, image: int, batch: int, steps: int, accelerate: bool, driver: str):
+    """Examples/s of the CNN trained centrally (one model) at ``batch``: a jitted step
+    driven by a Python loop (``driver="loop"``) or ``steps`` steps in one jitted ``lax.scan``."""
+    apply = fast.accelerate(model.apply) if accelerate else model.apply
+    opt = optax.sgd(0.01, momentum=0.9)
+
+    def train_step(carry, xy):
+        p, s = carry
+        x, y = xy
+        g = jax.grad(lambda p: jnp.mean(losses.softmax_cross_entropy(apply(p, x), y)))(p)
+        u, s = opt.update(g, s, p)
+        return (optax.apply_updates(p, u), s), None
+
+    rng = np.random.default_rng(1)
+    xs = jnp.asarray(rng.standard_normal((steps, batch, image, image, 3), dtype=np.float32))
+    ys = jnp.asarray(rng.integers(0, 10, (steps, batch)).astype(np.int32))
+    carry = (params, opt.init(params))
+    if driver == "loop":
+        step = jax.jit(lambda c, x, y: train_step(c, (x, y))[0])
+
+        def run(c):
+            for i in range(steps):
+                c = step(c, xs[i], ys[i])
+            return c
+    else:
+        run = jax.jit(lambda c: jax.lax.scan(train_step, c, (xs, ys))[0])
+    t = time.perf_counter()
+    carry = jax.block_until_ready(run(carry))
+    compile_sec = time.perf_counter() - t
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        carry = jax.block_until_ready(run(carry))
+        times.append(time.perf_counter() - t)
+    return batch * steps / statistics.median(times), compile_sec
+
+
+def matmul_gflops(n: int) -> float:
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
+    f = jax.jit(lambda a: a @ a)
+    jax.block_until_ready(f(a))
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        jax.block_until_ready(f(a))
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="seconds-long smoke run (small images, few clients)")
+    parser.add_argument("--cohorts", default="10,100")
+    parser.add_argument("--rounds", type=int, default=3, help="measured rounds (after one warm-up)")
+    parser.add_argument("--variants", default="plain,dp,secagg")
+    parser.add_argument("--formulations", default="fast", help=f"comma list of {sorted(FORMULATIONS)}")
+    parser.add_argument("--chunk-size", type=int, default=None)
+    parser.add_argument("--unroll", type=int, default=1, help="lax.scan unroll of the local steps")
+    parser.add_argument("--central-batch", type=int, default=3200)
+    parser.add_argument("--central-steps", type=int, default=3)
+    parser.add_argument("--no-central", action="store_true", help="skip the hw_bound measurement")
+    args = parser.parse_args(argv)
+
+    image, num_examples = 32, 500
+    cohorts = [int(c) for c in args.cohorts.split(",")]
+    if args.quick:
+        image, num_examples, cohorts = 16, 32, [2]
+        args.rounds, args.central_batch, args.central_steps = 1, 32, 1
+    variants = [v for v in args.variants.split(",") if v]
+    model = zoo.LeNet()
+    params = zoo.init_params(model, (image, image, 3), jax.random.key(0))
+    emit(
+        system="info",
+        jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+        python=platform.python_version(),
+        cpu_count=jax.local_device_count(),
+        params=zoo.num_params(params),
+        image=image,
+        num_examples=num_examples,
+        xla_flags=__import__("os").environ.get("XLA_FLAGS", ""),
+    )
+    gflops = matmul_gflops(512 if args.quick else 2048)
+    emit(system="matmul_peak", n=512 if args.quick else 2048, gflops=round(gflops, 2))
+
+    central = None
+    if not args.no_central:
+        best = None
+        drivers = ("loop",) if args.quick else ("loop", "scan")
+        for accelerate in (True, False):
+            for driver in drivers:
+                eps, csec = central_examples_per_sec(
+                    model, params, image, args.central_batch, args.central_steps, accelerate, driver
+                )
+                name = f"{'fast' if accelerate else 'xla'}_conv_{driver}"
+                emit(system="central", formulation=name, batch=args.central_batch, examples_per_sec=round(eps, 1),
+                     compile_sec=round(csec, 2))
+                if best is None or eps > best[0]:
+                    best = (eps, name)
+        central = best
+
+    for cohort_size in cohorts:
+        cohort = make_cohort(cohort_size, num_examples, image)
+        for formulation in args.formulations.split(","):
+            res = bench_fljax(args, cohort_size, cohort, model, params, formulation,
+                              variants if formulation == args.formulations.split(",")[0] else ["plain"])
+            if central is not None and "plain" in res and formulation == args.formulations.split(",")[0]:
+                sec = cohort_size * num_examples / central[0]
+                emit(system="hw_bound", cohort=cohort_size, formulation=central[1], batch=args.central_batch,
+                     sec_per_round=round(sec, 4), examples_per_sec=round(central[0], 1),
+                     fljax_over_hw_bound=round(res["plain"] / sec, 3))
+        del cohort
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Fast layers and the fast round: equal to XLA's operations and to the plain round."""
+
+import functools
+import importlib.util
+import json
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import lax
+
+from fljax import client, fast, simulation
+from fljax import nn as fnn
+from fljax.algorithms import fedavg
+from fljax.base import ClientData, Cohort
+from fljax.models import zoo
+
+TOL = dict(rtol=2e-4, atol=2e-5)
+
+
+def close(a, b, **tol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **(tol or TOL))
+
+
+def primitives(fn, *args):
+    names = set()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            names.add(eqn.primitive.name)
+            for v in eqn.params.values():
+                vs = v if isinstance(v, tuple) else (v,)
+                for j in vs:
+                    if isinstance(j, jax.extend.core.ClosedJaxpr):
+                        walk(j.jaxpr)
+                    elif isinstance(j, jax.extend.core.Jaxpr):
+                        walk(j)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return names
+
+
+CONV_CASES = [
+    # (input spatial, kernel, strides, padding, rhs_dilation, cin, cout)
+    ((9, 9), (5, 5), (1, 1), "VALID", (1, 1), 3, 6),
+    ((9, 8), (3, 3), (2, 1), "SAME", (1, 1), 2, 4),
+    ((9, 9), (3, 2), (1, 2), ((1, 2), (0, 1)), (2, 1), 4, 3),
+    ((7, 7), (1, 1), (2, 2), "VALID", (1, 1), 5, 7),
+    ((10,), (3,), (2,), "SAME", (2,), 3, 4),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_matches_xla_vmapped_values_and_gradients(case):
+    spatial, kernel, strides, padding, rd, cin, cout = case
+    clients, batch = 3, 2
+    nsp = len(spatial)
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(k1, (clients, batch, *spatial, cin))
+    w = jax.random.normal(k2, (clients, *kernel, cin, cout))
+    lhs = "NHWC" if nsp == 2 else "NWC"
+    rhs = "HWIO" if nsp == 2 else "WIO"
+    dn = (lhs, rhs, lhs)
+
+    def make(conv):
+        def loss(w, x):
+            y = conv(x, w, strides, padding, rhs_dilation=rd, dimension_numbers=dn)
+            return jnp.sum(jnp.sin(y)), y
+
+        return jax.vmap(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+    fast_conv = functools.partial(fnn.conv_general_dilated, impl="matmul")
+    (_, y1), g1 = make(lax.conv_general_dilated)(w, x)
+    (_, y2), g2 = make(fast_conv)(w, x)
+    close(y1, y2)
+    close(g1, g2)
+    assert "conv_general_dilated" not in primitives(make(fast_conv), w, x)
+
+
+def test_conv_channels_first_layout():
+    x = jax.random.normal(jax.random.key(1), (2, 3, 8, 9))  # NCHW
+    w = jax.random.normal(jax.random.key(2), (4, 3, 3, 3))  # OIHW
+    close(lax.conv_general_dilated(x, w, (2, 1), "SAME"), fnn.conv_general_dilated(x, w, (2, 1), "SAME", impl="matmul"))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(feature_group_count=2), dict(lhs_dilation=(2, 2), padding=((1, 1), (1, 1))), dict(padding=((-1, 0), (0, 0)))],
+)
+def test_unsupported_conv_falls_back_to_xla(kwargs):
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
+    w = jax.random.normal(jax.random.key(2), (3, 3, 4 // kwargs.get("feature_group_count", 1), 6))
+    padding = kwargs.pop("padding", "VALID")
+    dn = ("NHWC", "HWIO", "NHWC")
+    want = lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=dn, **kwargs)
+    got = fnn.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=dn, impl="matmul", **kwargs)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert not fnn.supports_conv(x.shape, w.shape, (1, 1), padding, dimension_numbers=dn, **kwargs)
+    fn = lambda x, w: fast.accelerate(
+        lambda x, w: lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=dn, **kwargs), impl="matmul"
+    )(x, w)
+    assert "conv_general_dilated" in primitives(fn, x, w)
+
+
+def test_impl_setting():
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    w = jax.random.normal(jax.random.key(2), (3, 3, 3, 4))
+    conv = lambda impl: (lambda x, w: fnn.conv_general_dilated(x, w, (1, 1), "VALID", impl=impl, dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    assert "conv_general_dilated" in primitives(conv("xla"), x, w)
+    assert "conv_general_dilated" not in primitives(conv("matmul"), x, w)
+    # "auto" is the matmul form on CPU.
+    assert "conv_general_dilated" not in primitives(conv("auto"), x, w)
+    with pytest.raises(ValueError, match="impl"):
+        fnn.set_impl("fastest")
+    old = fnn.get_impl()
+    try:
+        fnn.set_impl("xla")
+        assert "conv_general_dilated" in primitives(conv(None), x, w)
+    finally:
+        fnn.set_impl(old)
+
+
+def test_conv_module_matches_flax_conv():
+    x = jax.random.normal(jax.random.key(1), (2, 9, 9, 3))
+    m = fnn.Conv(5, (3, 3), strides=2, padding="SAME")
+    params = m.init(jax.random.key(0), x)
+    close(m.apply(params, x), nn.Conv(5, (3, 3), strides=2, padding="SAME").apply(params, x))
+
+
+@pytest.mark.parametrize("shape,window", [((3, 8, 8, 4), (2, 2)), ((2, 9, 7, 3), (2, 3)), ((4, 10, 2), (2,))])
+def test_max_pool_matches_flax_values_and_gradients(shape, window):
+    x = jax.random.normal(jax.random.key(3), shape)
+    # Ties (including all-zero windows after a ReLU) go to the first maximum, as in XLA.
+    x = jnp.where(x < 0.3, 0.0, jnp.round(x * 2) / 2)
+    out_shape = nn.max_pool(x, window, window).shape
+    scale = jnp.arange(1.0, 1.0 + np.prod(out_shape)).reshape(out_shape)
+    want = lambda x: jnp.sum(jnp.sin(nn.max_pool(x, window, window)) * scale)
+    got = lambda x: jnp.sum(jnp.sin(fnn.max_pool(x, window, window, impl="matmul")) * scale)
+    np.testing.assert_array_equal(fnn.max_pool(x, window, window, impl="matmul"), nn.max_pool(x, window, window))
+    np.testing.assert_array_equal(jax.grad(got)(x), jax.grad(want)(x))
+
+
+def test_overlapping_or_padded_pool_falls_back():
+    x = jax.random.normal(jax.random.key(3), (2, 8, 8, 3))
+    np.testing.assert_array_equal(fnn.max_pool(x, (3, 3), (2, 2), impl="matmul"), nn.max_pool(x, (3, 3), (2, 2)))
+    np.testing.assert_array_equal(
+        fnn.max_pool(x, (2, 2), (2, 2), "SAME", impl="matmul"), nn.max_pool(x, (2, 2), (2, 2), "SAME")
+    )
+    assert not fnn.supports_pool((3, 3), (2, 2), "VALID")
+    assert not fnn.supports_pool((2, 2), None, "VALID")
+
+
+def small_lenet():
+    return zoo.LeNet(num_classes=5)
+
+
+class TinyCNN(nn.Module):
+    """Conv-ReLU-MaxPool-Dense: the LeNet pattern at test size (8x8 images)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.max_pool(nn.relu(nn.Conv(4, (3, 3), padding="VALID")(x)), (2, 2), (2, 2))
+        return nn.Dense(5)(x.reshape(x.shape[0], -1))
+
+
+def test_accelerate_lenet_values_gradients_and_vmap():
+    m = small_lenet()
+    params = zoo.init_params(m, (16, 16, 3), jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (3, 4, 16, 16, 3))
+    cohort_params = jax.tree.map(lambda p: p[None] + 0.01 * jnp.arange(3.0).reshape((3,) + (1,) * p.ndim), params)
+    apply = fast.accelerate(m.apply, impl="matmul")
+    loss = lambda apply: (lambda p, x: jnp.sum(jnp.tanh(apply(p, x))))
+    want = jax.vmap(jax.value_and_grad(loss(m.apply)))(cohort_params, x)
+    got = jax.vmap(jax.value_and_grad(loss(apply)))(cohort_params, x)
+    close(got, want)
+    names = primitives(jax.vmap(jax.grad(loss(apply))), cohort_params, x)
+    assert "conv_general_dilated" not in names
+    assert "reduce_window_max" not in names and "select_and_scatter_add" not in names
+
+
+def test_accelerate_rewrites_inside_jit_and_scan_and_keeps_static_arguments():
+    w = jax.random.normal(jax.random.key(2), (3, 3, 2, 2))
+    x = jax.random.normal(jax.random.key(1), (1, 6, 6, 2))
+    dn = ("NHWC", "HWIO", "NHWC")
+    conv = jax.jit(lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn))
+
+    def fn(w, x, *, times):
+        def body(x, _):
+            return jnp.tanh(conv(x, w)), None
+
+        return jax.lax.scan(body, x, None, length=times)[0]
+
+    fa = fast.accelerate(fn, impl="matmul")
+    close(fa(w, x, times=3), fn(w, x, times=3))
+    assert "conv_general_dilated" not in primitives(lambda w, x: fa(w, x, times=3), w, x)
+    close(jax.grad(lambda w: jnp.sum(fa(w, x, times=2)))(w), jax.grad(lambda w: jnp.sum(fn(w, x, times=2)))(w))
+
+
+def test_accelerate_leaves_models_without_convolutions_alone():
+    m = zoo.MLP(hidden=(8,), num_classes=3)
+    params = zoo.init_params(m, (5,), jax.random.key(0))
+    x = jnp.ones((2, 5))
+    assert str(jax.make_jaxpr(fast.accelerate(m.apply, impl="matmul"))(params, x)) == str(
+        jax.make_jaxpr(m.apply)(params, x)
+    )
+
+
+def test_compute_dtype_float32_is_identity_and_bfloat16_runs():
+    m = small_lenet()
+    params = zoo.init_params(m, (16, 16, 3), jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+    np.testing.assert_array_equal(fast.with_compute_dtype(m.apply, jnp.float32)(params, x), m.apply(params, x))
+    out = fast.with_compute_dtype(m.apply, jnp.bfloat16)(params, x)
+    assert out.dtype == jnp.float32
+    close(out, m.apply(params, x), rtol=0.1, atol=0.1)
+
+
+def make_cohort(num_clients=4, num_examples=20, image=8, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((num_clients, num_examples, image, image, 3)).astype(np.float32)
+    y = rng.integers(0, 5, (num_clients, num_examples)).astype(np.int32)
+    mask = np.ones((num_clients, num_examples), bool)
+    mask[1, 13:] = False  # a smaller client: partial and padding minibatches
+    mask[3] = False  # a client without data
+    return Cohort(
+        ClientData(jnp.asarray(x), jnp.asarray(y), jnp.asarray(mask)),
+        jnp.arange(num_clients, dtype=jnp.int32),
+        jnp.asarray(mask.any(axis=1)),
+    )
+
+
+def round_result(cohort, chunk_size=None, **settings):
+    m = TinyCNN()
+    params = zoo.init_params(m, (8, 8, 3), jax.random.key(0))
+    update = client.local_sgd(m, optax.sgd(0.05, momentum=0.9), batch_size=8, **settings)
+    algo = fedavg.fedavg(update, chunk_size=chunk_size)
+    state, metrics = jax.jit(algo.update)(algo.init(params), cohort, jax.random.key(7))
+    return state.params, metrics
+
+
+def test_fast_round_equals_plain_round_loop_and_chunked():
+    cohort = make_cohort()
+    plain = round_result(cohort, accelerate=False)
+    fast_round = round_result(cohort)  # default: accelerated on CPU
+    close(fast_round, plain)
+    close(round_result(cohort, chunk_size=2, unroll=2, compute_dtype=jnp.float32), plain)
+
+    # vmap == a Python loop over clients.
+    m = TinyCNN()
+    params = zoo.init_params(m, (8, 8, 3), jax.random.key(0))
+    update = jax.jit(client.local_sgd(m, optax.sgd(0.05, momentum=0.9), batch_size=8))
+    keys = jax.random.split(jax.random.key(3), 4)
+    vmapped = simulation.map_clients(lambda d, k: update(params, d, k), cohort.data, keys)
+    for i in range(4):
+        one = update(params, jax.tree.map(lambda a: a[i], cohort.data), keys[i])
+        close(jax.tree.map(lambda a: a[i], vmapped), one)
+
+
+def test_bench_round_quick(capsys):
+    spec = importlib.util.spec_from_file_location(
+        "bench_round", pathlib.Path(__file__).parent.parent / "experiments" / "bench_round.py"
+    )
+    bench_round = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_round)
+    assert bench_round.main(["--quick"]) == 0
+    lines = [json.loads(s) for s in capsys.readouterr().out.splitlines() if s.startswith("{")]
+    systems = {(r["system"], r.get("variant")) for r in lines}
+    assert ("fljax", "plain") in systems and ("hw_bound", None) in systems and ("matmul_peak", None) in systems
+    for r in lines:
+        if r["system"] == "fljax" and "skipped" not in r:
+            assert r["sec_per_round"] > 0 and r["examples_per_sec"] > 0 and r["bench"] == "seed_cifar"
