@@ -19,6 +19,7 @@ import importlib.util
 import json
 import pathlib
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -184,12 +185,13 @@ def train(config: dict, train_data: FederatedData, model, *, eval_fn=None, out_d
     run_key = fl_random.run_key(config["seed"])
     shape = train_data.x.shape[1:]
     params = models.init_params(model, shape, fl_random.stream(run_key, "init"))
-    algo = build_algorithm(config, model)
+    algo, update = _compiled_round(config, model)
     state = algo.init(params)
-    update = jax.jit(algo.update)
     records, start = [], 0
     ckpt_dir = None if out_dir is None else pathlib.Path(out_dir) / "checkpoints"
     metrics_path = None if out_dir is None else pathlib.Path(out_dir) / "metrics.jsonl"
+    if not resume and ckpt_dir is not None and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)  # a fresh run replaces the previous run's checkpoints
     if resume and ckpt_dir is not None and checkpoint.latest_step(ckpt_dir) is not None:
         start = checkpoint.latest_step(ckpt_dir)
         state, _ = checkpoint.restore(ckpt_dir, start, state)
@@ -198,7 +200,10 @@ def train(config: dict, train_data: FederatedData, model, *, eval_fn=None, out_d
             records = [r for r in records if r["round"] <= start]
     if metrics_path is not None:
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    num_examples = int(train_data.sizes.max())
+    # Pad to a multiple of 4 batches so that populations of similar sizes (other
+    # splits, other clients) share one compiled round; padding is a no-op.
+    multiple = 4 * config["client"].get("batch_size", 1)
+    num_examples = -(-int(train_data.sizes.max()) // multiple) * multiple
     rounds, every = config["rounds"], config.get("eval_every", 1)
     ck_every = config.get("checkpoint_every", 0)
     bar = tqdm(range(start, rounds), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
@@ -220,9 +225,20 @@ def train(config: dict, train_data: FederatedData, model, *, eval_fn=None, out_d
             checkpoint.save(ckpt_dir, r + 1, state, {"round": r + 1})
         shown = {k: record[k] for k in ("client_train_loss", "test_accuracy", "fed_mean_accuracy") if k in record}
         bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
-    if update._cache_size() > 1:
-        raise RuntimeError(f"the round recompiled: {update._cache_size()} compilations")
     return state, records
+
+
+_ROUNDS: dict = {}
+
+
+def _compiled_round(config: dict, model):
+    """One jitted round per (algorithm settings, model), shared by repeats and baselines."""
+    key = json.dumps({k: config.get(k) for k in ("model", "client", "server", "aggregator", "chunk_size")},
+                     sort_keys=True, default=str)
+    if key not in _ROUNDS:
+        algo = build_algorithm(config, model)
+        _ROUNDS[key] = (algo, jax.jit(algo.update))
+    return _ROUNDS[key]
 
 
 def run_info() -> dict:
@@ -239,6 +255,59 @@ def run_info() -> dict:
             "jaxlib": jaxlib.__version__, "device": str(jax.devices()[0]), "platform": platform.platform()}
 
 
+def run_once(config: dict, out: pathlib.Path, *, resume=False, progress=True, verbose=True) -> dict:
+    """One federated run (and its baselines) for one seed; writes metrics and checkpoints to ``out``."""
+    data_key = fl_random.stream(fl_random.run_key(config["data"].get("seed", config["seed"])), "sample")
+    data = build_data(config["data"], data_key)
+    train_data, test_data, central = data["train"], data["test"], data["central_test"]
+    model = build_model(config["model"], data["num_classes"])
+    names = list(train_data.client_names or [f"client {i}" for i in range(train_data.num_clients)])
+    if verbose:
+        print(f"fljax: {config['name']}: {train_data.num_clients} clients, {len(train_data.y)} training "
+              f"examples, {config['rounds']} rounds -> {out}", flush=True)
+
+    def eval_fn(params):
+        res = {}
+        if central is not None:
+            ev = evaluation.evaluate(model, params, *central)
+            res.update(test_accuracy=ev["accuracy"], test_loss=ev["loss"])
+        if test_data is not None:
+            fe = evaluation.federated_evaluate(model, params, test_data)
+            res.update({f"fed_{k}": v for k, v in fe.items() if not k.startswith("per_client_loss")})
+        return res
+
+    state, records = train(config, train_data, model, eval_fn=eval_fn, out_dir=out, resume=resume,
+                           progress=progress)
+    summary = {"name": config["name"], "rounds": config["rounds"], "final": records[-1] if records else {},
+               "privacy": {"epsilon": float("inf"), "note": "no differential privacy configured"}}
+    if "partition_report" in data:
+        summary["partition"] = data["partition_report"]
+    baselines = config.get("baselines", ())
+    table = None
+    if baselines and test_data is not None:
+        table = {"client": names, "test_sizes": test_data.sizes.tolist(),
+                 "federated": records[-1]["fed_per_client_accuracy"]}
+        alone = config | {"cohort": {"sampling": "all"}}
+        if "local" in baselines:
+            table["local"] = []
+            for c in range(train_data.num_clients):
+                _, recs = train(alone, train_data.subset([c]), model,
+                                eval_fn=lambda p, c=c: {"acc": evaluation.federated_evaluate(
+                                    model, p, test_data.subset([c]))["mean_accuracy"]},
+                                progress=progress, desc=f"alone: {names[c]}")
+                table["local"].append(recs[-1]["acc"])
+        if "pooled" in baselines:
+            pooled = FederatedData.from_clients([train_data.pooled()], num_classes=train_data.num_classes)
+            _, recs = train(alone, pooled, model,
+                            eval_fn=lambda p: {"per": evaluation.federated_evaluate(model, p, test_data)[
+                                "per_client_accuracy"]},
+                            progress=progress, desc="pooled data")
+            table["pooled"] = recs[-1]["per"]
+    (out / "summary.json").write_text(json.dumps(summary | {"per_client_test_accuracy": table}, indent=1,
+                                                 default=_jsonable))
+    return {"summary": summary, "records": records, "table": table}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
@@ -253,53 +322,36 @@ def main(argv=None) -> dict:
     (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
     (out / "run_info.json").write_text(json.dumps(run_info(), indent=1))
     t_start = time.perf_counter()
-    data_key = fl_random.stream(fl_random.run_key(config["data"].get("seed", config["seed"])), "sample")
-    data = build_data(config["data"], data_key)
-    train_data, test_data, central = data["train"], data["test"], data["central_test"]
-    model = build_model(config["model"], data["num_classes"])
-    names = list(train_data.client_names or [f"client {i}" for i in range(train_data.num_clients)])
     progress = not args.no_progress
-    print(f"fljax: {config['name']}: {train_data.num_clients} clients, {len(train_data.y)} training examples, "
-          f"{config['rounds']} rounds -> {out}", flush=True)
-
-    def eval_fn(params):
-        res = {}
-        if central is not None:
-            ev = evaluation.evaluate(model, params, *central)
-            res.update(test_accuracy=ev["accuracy"], test_loss=ev["loss"])
-        if test_data is not None:
-            fe = evaluation.federated_evaluate(model, params, test_data)
-            res.update({f"fed_{k}": v for k, v in fe.items() if not k.startswith("per_client_loss")})
-        return res
-
-    state, records = train(config, train_data, model, eval_fn=eval_fn, out_dir=out, resume=args.resume,
-                           progress=progress)
-    summary = {"name": config["name"], "rounds": config["rounds"], "final": records[-1] if records else {},
-               "privacy": {"epsilon": float("inf"), "note": "no differential privacy configured"}}
-    if "partition_report" in data:
-        summary["partition"] = data["partition_report"]
-
-    baselines = config.get("baselines", ())
+    repeats = int(config.get("repeats", 1))
+    tables, summary = [], None
+    for i in range(repeats):
+        cfg = copy.deepcopy(config)
+        cfg["seed"] = config["seed"] + i
+        if "split_seed" in cfg["data"]:
+            cfg["data"]["split_seed"] = config["data"]["split_seed"] + i
+        run_out = out if i == 0 else out / "repeats" / str(i)
+        run_out.mkdir(parents=True, exist_ok=True)
+        if repeats > 1:
+            print(f"repeat {i + 1}/{repeats} (seed {cfg['seed']})", flush=True)
+        result = run_once(cfg, run_out, resume=args.resume, progress=progress, verbose=(i == 0))
+        if summary is None:
+            summary, records = result["summary"], result["records"]
+        if result["table"] is not None:
+            tables.append(result["table"])
     table = None
-    if baselines and test_data is not None:
-        table = {"client": names, "federated": records[-1]["fed_per_client_accuracy"]}
-        if "local" in baselines:
-            table["local"] = []
-            for c in range(train_data.num_clients):
-                _, recs = train(config | {"cohort": {"sampling": "all"}}, train_data.subset([c]), model,
-                                eval_fn=lambda p, c=c: {"acc": evaluation.federated_evaluate(
-                                    model, p, test_data.subset([c]))["mean_accuracy"]},
-                                progress=progress, desc=f"local {names[c]}")
-                table["local"].append(recs[-1]["acc"])
-        if "pooled" in baselines:
-            pooled = FederatedData.from_clients([train_data.pooled()], num_classes=train_data.num_classes)
-            _, recs = train(config | {"cohort": {"sampling": "all"}}, pooled, model,
-                            eval_fn=lambda p: {"per": evaluation.federated_evaluate(model, p, test_data)[
-                                "per_client_accuracy"]},
-                            progress=progress, desc="pooled")
-            table["pooled"] = recs[-1]["per"]
+    if tables:
+        table = {"client": tables[0]["client"], "test_sizes": tables[0]["test_sizes"]}
+        for col in ("local", "federated", "pooled"):
+            if col in tables[0]:
+                vals = np.array([t[col] for t in tables])
+                table[col] = vals.mean(axis=0).tolist()
+                table[f"{col}_std"] = vals.std(axis=0).tolist()
+                table[f"{col}_weighted_all"] = [float(np.dot(t["test_sizes"], t[col]) / np.sum(t["test_sizes"]))
+                                                for t in tables]
+        table["repeats"] = repeats
         summary["per_client_test_accuracy"] = table
-        print_table(table, test_data)
+        print_table(table)
     summary["wall_sec"] = time.perf_counter() - t_start
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_jsonable))
     plot(records, table, out / "curves.png", config["name"])
@@ -314,16 +366,18 @@ def _jsonable(o):
     return o.tolist() if hasattr(o, "tolist") else str(o)
 
 
-def print_table(table: dict, test_data: FederatedData) -> None:
+def print_table(table: dict) -> None:
     cols = [c for c in ("local", "federated", "pooled") if c in table]
     heads = {"local": "alone", "federated": "federated", "pooled": "pooled data"}
-    print("\nHeld-out accuracy per client (each client's own test patients/examples):")
-    print(f"  {'client':<16}{'test n':>7}" + "".join(f"{heads[c]:>13}" for c in cols))
+    n = table["repeats"]
+    print(f"\nHeld-out accuracy per client, mean +- sd over {n} random splits and seeds:")
+    print(f"  {'client':<16}{'test n':>7}" + "".join(f"{heads[c]:>16}" for c in cols))
     for i, name in enumerate(table["client"]):
-        print(f"  {name:<16}{int(test_data.sizes[i]):>7}" + "".join(f"{table[c][i]:>13.3f}" for c in cols))
-    w = test_data.sizes / test_data.sizes.sum()
-    print(f"  {'all (weighted)':<16}{int(test_data.sizes.sum()):>7}" +
-          "".join(f"{float(np.dot(w, table[c])):>13.3f}" for c in cols) + "\n", flush=True)
+        print(f"  {name:<16}{int(table['test_sizes'][i]):>7}"
+              + "".join(f"{table[c][i]:>9.3f} +-{table[c + '_std'][i]:.3f}" for c in cols))
+    print(f"  {'all (weighted)':<16}{int(np.sum(table['test_sizes'])):>7}"
+          + "".join(f"{np.mean(table[c + '_weighted_all']):>9.3f} +-{np.std(table[c + '_weighted_all']):.3f}"
+                    for c in cols) + "\n", flush=True)
 
 
 def plot(records: list[dict], table: dict | None, path: pathlib.Path, title: str) -> None:
@@ -353,9 +407,10 @@ def plot(records: list[dict], table: dict | None, path: pathlib.Path, title: str
         x = np.arange(len(table["client"]))
         width = 0.8 / len(cols)
         for j, c in enumerate(cols):
-            ax.bar(x + j * width, table[c], width, label=c)
+            ax.bar(x + j * width, table[c], width, yerr=table.get(f"{c}_std"), capsize=3,
+                   label={"local": "alone", "pooled": "pooled data"}.get(c, c))
         ax.set_xticks(x + width * (len(cols) - 1) / 2, table["client"], rotation=15)
-        ax.set_ylabel("held-out accuracy")
+        ax.set_ylabel(f"held-out accuracy (mean +- sd, {table.get('repeats', 1)} splits)")
         ax.set_ylim(0, 1)
         ax.legend()
     fig.tight_layout()
