@@ -18,10 +18,11 @@ server SGD (learning rate 1, momentum 0.9, as DP-FedAvgM in McMahan et al.
 at the end) at delta = 1/1000 = 1/population, add/remove one client, unit of
 privacy = one client.
 
-Runtime: about 5 minutes on 2 shared CPU cores (see dp_mnist.md for the measured
-time). Expected result: the non-private baseline and z = 0 reach ~95% test
-accuracy; accuracy falls as epsilon falls (with only 1,000 clients, ~100 per
-round, single-digit epsilon costs several points; see dp_mnist.md).
+Runtime: 804 s (6 runs of 100 rounds) measured on 2 CPU cores shared with other
+jobs (load average ~10); expect about a third of that on 2 idle cores. Measured
+result (experiments/results/dp_mnist.md), test accuracy after 100 rounds:
+non-private 0.954, z=0 (clip only) 0.954, z=0.5 (eps 30.4) 0.946, z=1 (eps 5.7)
+0.922, z=2 (eps 1.8) 0.869, z=4 (eps 0.73) 0.800 (RDP epsilon at delta=1e-3).
 """
 
 from __future__ import annotations
