@@ -96,7 +96,6 @@ def run_one(cfg: dict, data, test, noise_multiplier: float | None) -> dict:
     """One training run; ``noise_multiplier=None`` is the non-private baseline."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     import optax
 
     from fljax import aggregators, client, losses, simulation
@@ -170,7 +169,6 @@ def run_one(cfg: dict, data, test, noise_multiplier: float | None) -> dict:
 
 def run_sweep(cfg: dict, out_dir: pathlib.Path, name: str | None = None) -> list[dict]:
     import jax
-    import numpy as np
 
     from fljax.data import FederatedData
 

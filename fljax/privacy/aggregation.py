@@ -95,7 +95,7 @@ def gaussian_noise(template: Params, std: jax.Array | float, key: jax.Array) -> 
     keys = jax.random.split(key, len(leaves))
     noise = [
         jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype) * jnp.asarray(std, x.dtype)
-        for k, x in zip(keys, leaves)
+        for k, x in zip(keys, leaves, strict=True)
     ]
     return jax.tree.unflatten(treedef, noise)
 
@@ -169,7 +169,7 @@ def dp_aggregator(config: DPConfig) -> Aggregator:
             clipped = valid & (norms > c)
         else:
             leaves, treedef = jax.tree.flatten(deltas)
-            sums = [tree.weighted_sum(x, jnp.where(valid, b * f, 0.0)) for x, f in zip(leaves, factors)]
+            sums = [tree.weighted_sum(x, jnp.where(valid, b * f, 0.0)) for x, f in zip(leaves, factors, strict=True)]
             total = jax.tree.unflatten(treedef, sums)
             any_clipped = jnp.zeros(norms.shape, bool)
             for f in factors:

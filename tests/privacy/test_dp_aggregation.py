@@ -49,7 +49,7 @@ def test_zero_noise_infinite_clip_equals_weighted_mean():
     _, dp_delta, metrics = _run(cfg, deltas, weights, keys[1])
     plain = aggregators.weighted_mean()
     _, ref, _ = plain.aggregate(plain.init(_template(deltas)), deltas, weights, keys[2])
-    for a, b in zip(jax.tree.leaves(dp_delta), jax.tree.leaves(ref)):
+    for a, b in zip(jax.tree.leaves(dp_delta), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert int(metrics["num_clipped"]) == 0 and float(metrics["dp_noise_std"]) == 0.0
 
@@ -69,7 +69,7 @@ def test_capped_weights_match_weighted_mean_when_under_cap():
     _, dp_delta, _ = _run(cfg, deltas, weights, keys[1])
     plain = aggregators.weighted_mean()
     _, ref, _ = plain.aggregate(plain.init(_template(deltas)), deltas, weights, keys[2])
-    for a, b in zip(jax.tree.leaves(dp_delta), jax.tree.leaves(ref)):
+    for a, b in zip(jax.tree.leaves(dp_delta), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -82,7 +82,7 @@ def test_denominator_is_fixed_not_observed():
     _, d_full, _ = _run(cfg, deltas, full, keys[1])
     _, d_half, _ = _run(cfg, deltas, half, keys[2])
     # sum of 6 vs sum of 3 identical small updates, both over the fixed 10
-    for a, b in zip(jax.tree.leaves(d_full), jax.tree.leaves(d_half)):
+    for a, b in zip(jax.tree.leaves(d_full), jax.tree.leaves(d_half), strict=True):
         np.testing.assert_allclose(a, 2.0 * b, rtol=1e-5)
         np.testing.assert_allclose(a, 6e-3 / 10.0, rtol=1e-5)
 
@@ -133,7 +133,7 @@ def test_padding_contributes_exactly_zero():
     key = keys[1]
     _, d1, m1 = _run(cfg, deltas, weights, jax.random.clone(key))
     _, d2, m2 = _run(cfg, garbage, weights, key)
-    for a, b in zip(jax.tree.leaves(d1), jax.tree.leaves(d2)):
+    for a, b in zip(jax.tree.leaves(d1), jax.tree.leaves(d2), strict=True):
         np.testing.assert_array_equal(a, b)
     assert int(m2["num_nonfinite"]) == 0 and int(m2["num_clients"]) == 4
 
@@ -255,9 +255,9 @@ def test_dp_fedavg_jitted_end_to_end_and_deterministic():
     s1, m1 = run(0)
     s2, m2 = run(0)
     s3, _ = run(1)
-    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params), strict=True):
         np.testing.assert_array_equal(a, b)
-    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s3.params)))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s3.params), strict=True))
     assert int(m1["num_clients"]) == 4 and int(m1["num_nonfinite"]) == 0
     assert float(m1["dp_noise_std"]) > 0
     assert float(s1.aggregator_state.clip_norm) != 0.5  # adapted

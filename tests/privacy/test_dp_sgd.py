@@ -31,7 +31,7 @@ def test_per_example_gradients_equal_python_loop():
     for j in range(x.shape[0]):
         g, loss = ref_grad(params, x[j : j + 1], y[j : j + 1])
         np.testing.assert_allclose(losses_[j], loss, rtol=1e-5)
-        for a, b in zip(jax.tree.leaves(jax.tree.map(lambda t: t[j], grads)), jax.tree.leaves(g)):
+        for a, b in zip(jax.tree.leaves(jax.tree.map(lambda t: t[j], grads)), jax.tree.leaves(g), strict=True):  # noqa: B023
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
@@ -48,18 +48,18 @@ def test_clipped_gradient_equals_loop_and_padding_is_zero():
     per_ex = jax.tree.map(np.asarray, per_ex)
     expected = jax.tree.map(lambda t: np.zeros(t.shape[1:], np.float64), per_ex)
     for j in range(4):
-        gj = jax.tree.map(lambda t: t[j].astype(np.float64), per_ex)
+        gj = jax.tree.map(lambda t: t[j].astype(np.float64), per_ex)  # noqa: B023
         norm = math.sqrt(sum(float(np.sum(np.square(v))) for v in jax.tree.leaves(gj)))
-        expected = jax.tree.map(lambda e, t: e + t * min(1.0, clip / norm), expected, gj)
+        expected = jax.tree.map(lambda e, t: e + t * min(1.0, clip / norm), expected, gj)  # noqa: B023
     expected = jax.tree.map(lambda t: t / batch, expected)  # the fixed batch size, not 4
-    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(expected)):
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-8)
     # no clipping and no noise gives the plain minibatch gradient (full batch)
     plain = dp_sgd.dp_sgd_gradient(model, l2_norm_clip=math.inf, noise_multiplier=0.0, batch_size=batch)
     full = jnp.ones((batch,), bool)
     g_plain, _ = jax.jit(plain)(params, x, y, full, keys[1])
     g_ref, _ = jax.jit(client.masked_mean_gradient(model.apply))(params, x, y, full, None)
-    for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_ref)):
+    for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
@@ -89,7 +89,7 @@ def test_dp_sgd_client_runs_deterministically_and_checks_batch():
     update = jax.jit(dp_sgd.dp_sgd_client(model, optax.sgd(0.1), cfg))
     out1 = update(params, data, jax.random.key(7))
     out2 = update(params, data, jax.random.key(7))
-    for a, b in zip(jax.tree.leaves(out1.delta), jax.tree.leaves(out2.delta)):
+    for a, b in zip(jax.tree.leaves(out1.delta), jax.tree.leaves(out2.delta), strict=True):
         np.testing.assert_array_equal(a, b)
         assert bool(jnp.all(jnp.isfinite(a)))
     assert float(out1.weight) == 17.0
