@@ -28,7 +28,7 @@ import jax
 import numpy as np
 import optax
 
-from fljax import aggregators, checkpoint, client, evaluation, losses, models
+from fljax import aggregators, checkpoint, client, evaluation, models, privacy, secagg
 from fljax import random as fl_random
 from fljax.algorithms import fedavg, fedavgm, fedopt, fedprox, fedsgd
 from fljax.data import FederatedData, partition, sampling
@@ -122,7 +122,24 @@ def build_optimizer(cfg: dict) -> optax.GradientTransformation:
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-def build_aggregator(config: dict):
+def build_dp(config: dict, num_clients: int) -> privacy.DPConfig | None:
+    """The run's DPConfig, or None. ``population_size`` and ``cohort_size`` default to the data's."""
+    dp = config.get("dp")
+    if not dp:
+        return None
+    kwargs = {k: v for k, v in dp.items() if k != "budget_epsilon"}
+    kwargs.setdefault("population_size", num_clients)
+    kwargs.setdefault("cohort_size", config.get("cohort", {}).get("size", num_clients))
+    return privacy.DPConfig(**kwargs)
+
+
+def build_aggregator(config: dict, dp_config: privacy.DPConfig | None = None):
+    if dp_config is not None:
+        if config.get("secagg"):
+            raise ValueError("dp and secagg together are not supported by this runner yet; choose one")
+        return privacy.dp_aggregator(dp_config)
+    if config.get("secagg"):
+        return secagg.secure_aggregator(secagg.SecAggConfig(**config["secagg"]))
     name = config.get("aggregator", "weighted_mean")
     if name == "weighted_mean":
         return aggregators.weighted_mean()
@@ -135,9 +152,9 @@ def build_aggregator(config: dict):
     raise ValueError(f"unknown aggregator {name!r}")
 
 
-def build_algorithm(config: dict, model):
+def build_algorithm(config: dict, model, dp_config: privacy.DPConfig | None = None):
     c, s = config["client"], config["server"]
-    agg = build_aggregator(config)
+    agg = build_aggregator(config, dp_config)
     chunk = config.get("chunk_size")
     name = s.get("algorithm", "fedavg")
     if name == "fedsgd":
@@ -185,7 +202,11 @@ def train(config: dict, train_data: FederatedData, model, *, eval_fn=None, out_d
     run_key = fl_random.run_key(config["seed"])
     shape = train_data.x.shape[1:]
     params = models.init_params(model, shape, fl_random.stream(run_key, "init"))
-    algo, update = _compiled_round(config, model)
+    dp_config = build_dp(config, train_data.num_clients)
+    ledger = None
+    if dp_config is not None:
+        ledger = privacy.PrivacyLedger(dp_config, budget_epsilon=config["dp"].get("budget_epsilon"))
+    algo, update = _compiled_round(config, model, dp_config)
     state = algo.init(params)
     records, start = [], 0
     ckpt_dir = None if out_dir is None else pathlib.Path(out_dir) / "checkpoints"
@@ -195,6 +216,8 @@ def train(config: dict, train_data: FederatedData, model, *, eval_fn=None, out_d
     if resume and ckpt_dir is not None and checkpoint.latest_step(ckpt_dir) is not None:
         start = checkpoint.latest_step(ckpt_dir)
         state, _ = checkpoint.restore(ckpt_dir, start, state)
+        if ledger is not None:
+            ledger.step(start)
         if metrics_path.exists():
             records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
             records = [r for r in records if r["round"] <= start]
@@ -207,13 +230,25 @@ def train(config: dict, train_data: FederatedData, model, *, eval_fn=None, out_d
     rounds, every = config["rounds"], config.get("eval_every", 1)
     ck_every = config.get("checkpoint_every", 0)
     bar = tqdm(range(start, rounds), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    stopped = None
     for r in bar:
         t0 = time.perf_counter()
+        if ledger is not None and not ledger.can_run(1):
+            stopped = (f"stopped before round {r + 1}: it would spend epsilon {ledger.epsilon(r + 1):.3f} > "
+                       f"budget {ledger.budget_epsilon} (spent {ledger.epsilon():.3f} after {r} rounds)")
+            print(f"fljax: privacy budget reached, {stopped}", flush=True)
+            break
         rkey = fl_random.round_key(run_key, r)
-        ids, mask = sample_cohort(config.get("cohort", {}), fl_random.stream(rkey, "sample"), train_data.num_clients)
+        sample_key = fl_random.stream(rkey, "sample")
+        if dp_config is not None:  # sample exactly as the accounting assumes
+            ids, mask = privacy.sample_cohort(dp_config, sample_key)
+        else:
+            ids, mask = sample_cohort(config.get("cohort", {}), sample_key, train_data.num_clients)
         cohort = train_data.cohort(ids, client_mask=mask, num_examples=num_examples)
         state, m = update(state, cohort, rkey)
         record = {"round": r + 1, **{k: float(v) for k, v in jax.device_get(m).items()}}
+        if ledger is not None:
+            record["epsilon"] = ledger.step(1)
         record["round_sec"] = time.perf_counter() - t0
         if eval_fn is not None and ((r + 1) % every == 0 or r + 1 == rounds):
             record.update(eval_fn(state.params))
@@ -225,18 +260,23 @@ def train(config: dict, train_data: FederatedData, model, *, eval_fn=None, out_d
             checkpoint.save(ckpt_dir, r + 1, state, {"round": r + 1})
         shown = {k: record[k] for k in ("client_train_loss", "test_accuracy", "fed_mean_accuracy") if k in record}
         bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
+    privacy_summary = {"epsilon": float("inf"), "note": "no differential privacy configured"}
+    if ledger is not None:
+        privacy_summary = ledger.summary() | {"stopped": stopped}
+    train.last_privacy = privacy_summary
     return state, records
 
 
 _ROUNDS: dict = {}
 
 
-def _compiled_round(config: dict, model):
+def _compiled_round(config: dict, model, dp_config=None):
     """One jitted round per (algorithm settings, model), shared by repeats and baselines."""
-    key = json.dumps({k: config.get(k) for k in ("model", "client", "server", "aggregator", "chunk_size")},
+    key = json.dumps({k: config.get(k) for k in ("model", "client", "server", "aggregator", "chunk_size",
+                                                  "secagg")} | {"dp": repr(dp_config)},
                      sort_keys=True, default=str)
     if key not in _ROUNDS:
-        algo = build_algorithm(config, model)
+        algo = build_algorithm(config, model, dp_config)
         _ROUNDS[key] = (algo, jax.jit(algo.update))
     return _ROUNDS[key]
 
@@ -279,7 +319,7 @@ def run_once(config: dict, out: pathlib.Path, *, resume=False, progress=True, ve
     state, records = train(config, train_data, model, eval_fn=eval_fn, out_dir=out, resume=resume,
                            progress=progress)
     summary = {"name": config["name"], "rounds": config["rounds"], "final": records[-1] if records else {},
-               "privacy": {"epsilon": float("inf"), "note": "no differential privacy configured"}}
+               "privacy": train.last_privacy}
     if "partition_report" in data:
         summary["partition"] = data["partition_report"]
     baselines = config.get("baselines", ())
@@ -287,7 +327,8 @@ def run_once(config: dict, out: pathlib.Path, *, resume=False, progress=True, ve
     if baselines and test_data is not None:
         table = {"client": names, "test_sizes": test_data.sizes.tolist(),
                  "federated": records[-1]["fed_per_client_accuracy"]}
-        alone = config | {"cohort": {"sampling": "all"}}
+        # Reference baselines are non-private: they show what a hospital gives up or gains.
+        alone = config | {"cohort": {"sampling": "all"}, "dp": None, "secagg": None}
         if "local" in baselines:
             table["local"] = []
             for c in range(train_data.num_clients):

@@ -25,6 +25,8 @@ def get_config() -> dict:
         "rounds": 30,
         "eval_every": 5,
         "checkpoint_every": 10,
+        "dp": None,  # e.g. {"clip_norm": 1.0, "noise_multiplier": 1.0, "budget_epsilon": 8.0}
+        "secagg": None,  # e.g. {"clip_range": 1.0, "frac_bits": 16}
         "baselines": ("local", "pooled"),
         "repeats": 5,
     }

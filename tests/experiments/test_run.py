@@ -90,3 +90,20 @@ def test_heart_disease_data_shipped_in_package():
     # the split is stratified and disjoint, and fixed by the seed
     e = heart_disease.load()
     np.testing.assert_array_equal(d.test.x, e.test.x)
+
+
+def test_dp_run_logs_epsilon_and_stops_at_its_budget(tmp_path):
+    from fljax import privacy
+
+    run = _runner()
+    dp = {"clip_norm": 1.0, "noise_multiplier": 1.0, "sampling": "poisson", "cohort_size": 2}
+    cfg = privacy.DPConfig(population_size=4, **dp)
+    budget = (privacy.epsilon(cfg, 3) + privacy.epsilon(cfg, 4)) / 2  # room for 3 rounds, not 4
+    summary = run.main(["--config", HEART, "--set", "baselines=()", "--set", "rounds=6", "--set", "eval_every=1",
+                        "--set", f"dp={dict(dp, budget_epsilon=budget)!r}", "--out", str(tmp_path), "--no-progress"])
+    rows = _metrics(tmp_path)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert all(r["epsilon"] <= budget for r in rows)
+    assert rows[0]["epsilon"] < rows[-1]["epsilon"]
+    assert summary["privacy"]["stopped"] and "budget" in summary["privacy"]["stopped"]
+    assert summary["privacy"]["epsilon"] == pytest.approx(rows[-1]["epsilon"])
