@@ -438,7 +438,7 @@ def plot(records: list[dict], table: dict | None, path: pathlib.Path, title: str
     for k, lab in (("test_accuracy", "central test accuracy"), ("fed_mean_accuracy", "mean client test accuracy")):
         pts = [(r["round"], r[k]) for r in records if k in r]
         if pts:
-            ax2.plot(*zip(*pts), marker=".", label=lab)
+            ax2.plot(*zip(*pts, strict=True), marker=".", label=lab)
     ax2.set_ylabel("accuracy")
     ax2.legend(loc="lower right")
     ax.set_title(title)

@@ -9,7 +9,7 @@ be good on average and poor for a minority of clients.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +77,7 @@ def _compiled_eval(apply_fn, loss_fn):
         def run(params, xs, ys, masks):
             def body(acc, batch):
                 s = sums(params, *batch)
-                return tuple(a + b for a, b in zip(acc, s)), None
+                return tuple(a + b for a, b in zip(acc, s, strict=True)), None
 
             zero = jnp.zeros((), jnp.float32)
             acc, _ = jax.lax.scan(body, (zero, zero, zero), (xs, ys, masks))

@@ -24,9 +24,9 @@ def test_vmap_equals_python_loop_over_clients():
     out = simulation.run_clients(update, params, cohort, key)
     keys = random.client_keys(random.stream(key, "clients"), cohort.client_ids)
     for i in range(4):
-        data_i = jax.tree.map(lambda a: jnp.asarray(a[i]), cohort.data)
+        data_i = jax.tree.map(lambda a, i=i: jnp.asarray(a[i]), cohort.data)
         ref = update(params, data_i, keys[i])
-        helpers.assert_trees_close(jax.tree.map(lambda a: a[i], out.delta), ref.delta)
+        helpers.assert_trees_close(jax.tree.map(lambda a, i=i: a[i], out.delta), ref.delta)
         assert float(out.weight[i]) == float(ref.weight)
 
 
@@ -79,7 +79,7 @@ def test_fedavg_server_step_is_weighted_average_of_local_models():
     out = simulation.run_clients(update, params, cohort, key)
     w = np.asarray(out.weight) / np.asarray(out.weight).sum()
     local = jax.tree.map(lambda p, d: p[None] - d, params, out.delta)
-    expected = jax.tree.map(lambda l: jnp.tensordot(jnp.asarray(w, l.dtype), l, axes=1), local)
+    expected = jax.tree.map(lambda leaf: jnp.tensordot(jnp.asarray(w, leaf.dtype), leaf, axes=1), local)
     helpers.assert_trees_close(state.params, expected)
 
 

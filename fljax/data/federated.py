@@ -9,7 +9,7 @@ device arrays (:class:`~fljax.base.Cohort`) of static shape.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np

@@ -5,7 +5,7 @@ Each takes a batch ``x[batch, ...]`` and returns logits ``[batch, num_classes]``
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax

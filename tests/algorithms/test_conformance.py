@@ -66,7 +66,7 @@ def test_same_key_same_result_different_key_different(name):
         c, _ = _round(name, [0, 1, 2, 3], jax.random.key(1), rounds=2)
         assert any(
             not np.array_equal(np.asarray(x), np.asarray(y))
-            for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(c.params))
+            for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(c.params), strict=True)
         )
 
 

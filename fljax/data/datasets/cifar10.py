@@ -94,8 +94,8 @@ def load_raw(
     if source == "tfds" or (source == "auto" and (folder is None or not (folder / ARCHIVE).exists())):
         if source == "auto":
             try:
-                import tensorflow_datasets  # noqa: F401
                 import tensorflow  # noqa: F401
+                import tensorflow_datasets  # noqa: F401
             except ImportError as e:
                 raise FileNotFoundError(
                     f"no {ARCHIVE} found (looked in data_dir, $FLJAX_DATA_DIR/cifar10_jpeg, "
