@@ -28,8 +28,10 @@ from fljax.nn.layers import (
     Conv,
     conv_general_dilated,
     get_impl,
+    get_layout,
     max_pool,
     set_impl,
+    set_layout,
     supports_conv,
     supports_pool,
 )
@@ -38,8 +40,10 @@ __all__ = [
     "Conv",
     "conv_general_dilated",
     "get_impl",
+    "get_layout",
     "max_pool",
     "set_impl",
+    "set_layout",
     "supports_conv",
     "supports_pool",
 ]

@@ -14,6 +14,23 @@ from jax import lax
 Impl = Literal["auto", "matmul", "xla"]
 _IMPLS = ("auto", "matmul", "xla")
 _impl: list[str] = ["auto"]
+Layout = Literal["channels_first", "channels_last"]
+_LAYOUTS = ("channels_first", "channels_last")
+_layout: list[str] = ["channels_last"]
+
+
+def set_layout(layout: Layout) -> None:
+    """Choose the im2col layout of the matmul form (a performance setting; same result
+    up to float reassociation): ``"channels_last"`` (patches ``[N, *out, K*C] @ W``) or
+    ``"channels_first"`` (``W^T @`` patches ``[K*C, N, *out]``)."""
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
+    _layout[0] = layout
+
+
+def get_layout() -> str:
+    """The im2col layout (see :func:`set_layout`)."""
+    return _layout[0]
 
 
 def set_impl(impl: Impl) -> None:
@@ -79,7 +96,60 @@ def supports_conv(
     return True
 
 
-def _conv_matmul(lhs, rhs, window_strides, padding, rhs_dilation, dn, precision, preferred_element_type):
+def _conv_matmul_channels_first(lhs, rhs, window_strides, padding, rhs_dilation, dn, precision, preferred_element_type):
+    """Channels-first im2col: patches ``[K*C, N, *out]``, output ``W^T @ patches``.
+
+    With the patch and channel axis leading, the matmul's long axis is the
+    pixels (``N * prod(out)``), the fast shape for XLA:CPU's matmul when the
+    channel counts are small (LeNet: 3->6, 6->16); measured 20-40% less CPU
+    time than the channels-last ``patches @ W`` for LeNet's convolutions.
+    """
+    nsp = lhs.ndim - 2
+    # [C, N, *spatial] and [*spatial, I, O].
+    lhs_perm = (dn.lhs_spec[1], dn.lhs_spec[0], *dn.lhs_spec[2:])
+    rhs_perm = (*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0])
+    x = jnp.transpose(lhs, lhs_perm) if lhs_perm != tuple(range(lhs.ndim)) else lhs
+    w = jnp.transpose(rhs, rhs_perm) if rhs_perm != tuple(range(rhs.ndim)) else rhs
+    ksize = w.shape[:nsp]
+    rd = tuple(rhs_dilation) if rhs_dilation is not None else (1,) * nsp
+    eff = tuple((k - 1) * d + 1 for k, d in zip(ksize, rd))
+    if isinstance(padding, str):
+        pads = lax.padtype_to_pads(x.shape[2:], eff, window_strides, padding)
+    else:
+        pads = [tuple(p) for p in padding]
+    if any(lo or hi for lo, hi in pads):
+        x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (0, 0, 0), *[(lo, hi, 0) for lo, hi in pads]])
+    out_sp = tuple((x.shape[2 + i] - eff[i]) // window_strides[i] + 1 for i in range(nsp))
+    if any(o <= 0 for o in out_sp):
+        raise ValueError(f"convolution output would be empty: input {lhs.shape}, kernel {rhs.shape}")
+    cols = []
+    for offs in itertools.product(*[range(k) for k in ksize]):
+        start = (0, 0, *[o * d for o, d in zip(offs, rd)])
+        limit = (
+            *x.shape[:2],
+            *[s + (n - 1) * st + 1 for s, n, st in zip(start[2:], out_sp, window_strides)],
+        )
+        cols.append(lax.slice(x, start, limit, (1, 1, *window_strides)))
+    patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=0)  # [K*C, N, *out]
+    kernel = w.reshape(-1, w.shape[-1])  # [K*C, O], rows ordered as the patches
+    y = lax.dot_general(
+        kernel,
+        patches,
+        (((0,), (0,)), ((), ())),
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )  # [O, N, *out]
+    # Place y's dims where out_spec says.
+    out_spec = dn.out_spec
+    src = (out_spec[1], out_spec[0], *out_spec[2:])  # output dim of each of y's dims
+    inv = [0] * y.ndim
+    for i, d in enumerate(src):
+        inv[d] = i
+    return jnp.transpose(y, inv) if tuple(inv) != tuple(range(y.ndim)) else y
+
+
+def _conv_matmul_channels_last(lhs, rhs, window_strides, padding, rhs_dilation, dn, precision, preferred_element_type):
+    """Channels-last im2col: patches ``[N, *out, K*C]``, output ``patches @ W``."""
     nsp = lhs.ndim - 2
     # To channels-last [N, *spatial, C] and [*spatial, I, O].
     lhs_perm = (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1])
@@ -139,6 +209,7 @@ def conv_general_dilated(
     preferred_element_type: Any = None,
     *,
     impl: Impl | None = None,
+    layout: Layout | None = None,
 ) -> jax.Array:
     """Drop-in for ``lax.conv_general_dilated``, as im2col from shifted slices + one matmul.
 
@@ -154,6 +225,7 @@ def conv_general_dilated(
       preferred_element_type: as in ``lax.conv_general_dilated``.
       impl: ``"auto"``, ``"matmul"`` or ``"xla"``; default :func:`get_impl`.
         Configurations outside :func:`supports_conv` always use XLA.
+      layout: im2col layout of the matmul form; default :func:`get_layout`.
 
     Returns:
       The convolution, equal to ``lax.conv_general_dilated`` up to float reassociation.
@@ -186,7 +258,11 @@ def conv_general_dilated(
     ):
         return xla()
     dn = _dim_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    return _conv_matmul(lhs, rhs, tuple(window_strides), padding, rhs_dilation, dn, precision, preferred_element_type)
+    layout = get_layout() if layout is None else layout
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
+    conv = _conv_matmul_channels_first if layout == "channels_first" else _conv_matmul_channels_last
+    return conv(lhs, rhs, tuple(window_strides), padding, rhs_dilation, dn, precision, preferred_element_type)
 
 
 def supports_pool(
