@@ -47,7 +47,7 @@ def primitives(fn, *args):
 
 CONV_CASES = [
     # (input spatial, kernel, strides, padding, rhs_dilation, cin, cout)
-    ((9, 9), (5, 5), (1, 1), "VALID", (1, 1), 3, 6),
+    ((7, 7), (5, 5), (1, 1), "VALID", (1, 1), 3, 6),
     ((9, 8), (3, 3), (2, 1), "SAME", (1, 1), 2, 4),
     ((9, 9), (3, 2), (1, 2), ((1, 2), (0, 1)), (2, 1), 4, 3),
     ((7, 7), (1, 1), (2, 2), "VALID", (1, 1), 5, 7),
@@ -72,7 +72,7 @@ def test_conv_matches_xla_vmapped_values_and_gradients(case):
             y = conv(x, w, strides, padding, rhs_dilation=rd, dimension_numbers=dn)
             return jnp.sum(jnp.sin(y)), y
 
-        return jax.vmap(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+        return jax.jit(jax.vmap(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)))
 
     fast_conv = functools.partial(fnn.conv_general_dilated, impl="matmul")
     (_, y1), g1 = make(lax.conv_general_dilated)(w, x)
@@ -82,10 +82,21 @@ def test_conv_matches_xla_vmapped_values_and_gradients(case):
     assert "conv_general_dilated" not in primitives(make(fast_conv), w, x)
 
 
-def test_conv_channels_first_layout():
+@pytest.mark.parametrize("layout", ["channels_last", "channels_first"])
+def test_conv_layouts_and_dimension_numbers(layout):
     x = jax.random.normal(jax.random.key(1), (2, 3, 8, 9))  # NCHW
     w = jax.random.normal(jax.random.key(2), (4, 3, 3, 3))  # OIHW
-    close(lax.conv_general_dilated(x, w, (2, 1), "SAME"), fnn.conv_general_dilated(x, w, (2, 1), "SAME", impl="matmul"))
+    conv = functools.partial(fnn.conv_general_dilated, impl="matmul", layout=layout)
+    close(lax.conv_general_dilated(x, w, (2, 1), "SAME"), conv(x, w, (2, 1), "SAME"))
+    xh, wh = jnp.transpose(x, (0, 2, 3, 1)), jnp.transpose(w, (2, 3, 1, 0))
+    dn = ("NHWC", "HWIO", "NHWC")
+    loss = lambda conv: (lambda w, x: jnp.sum(jnp.sin(conv(x, w, (1, 2), ((1, 0), (2, 1)), dimension_numbers=dn))))
+    grads = lambda conv: jax.jit(jax.vmap(jax.grad(loss(conv), argnums=(0, 1))))(
+        jnp.stack([wh, 2 * wh]), jnp.stack([xh, xh])
+    )
+    close(grads(conv), grads(lax.conv_general_dilated))
+    with pytest.raises(ValueError, match="layout"):
+        fnn.conv_general_dilated(x, w, (1, 1), "SAME", impl="matmul", layout="nchw")
 
 
 @pytest.mark.parametrize(
@@ -168,19 +179,28 @@ class TinyCNN(nn.Module):
         return nn.Dense(5)(x.reshape(x.shape[0], -1))
 
 
-def test_accelerate_lenet_values_gradients_and_vmap():
-    m = small_lenet()
-    params = zoo.init_params(m, (16, 16, 3), jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), (3, 4, 16, 16, 3))
-    cohort_params = jax.tree.map(lambda p: p[None] + 0.01 * jnp.arange(3.0).reshape((3,) + (1,) * p.ndim), params)
+def test_accelerate_values_gradients_and_vmap():
+    m = TinyCNN()
+    params = zoo.init_params(m, (8, 8, 3), jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (2, 3, 8, 8, 3))
+    cohort_params = jax.tree.map(lambda p: p[None] + 0.01 * jnp.arange(2.0).reshape((2,) + (1,) * p.ndim), params)
     apply = fast.accelerate(m.apply, impl="matmul")
     loss = lambda apply: (lambda p, x: jnp.sum(jnp.tanh(apply(p, x))))
-    want = jax.vmap(jax.value_and_grad(loss(m.apply)))(cohort_params, x)
-    got = jax.vmap(jax.value_and_grad(loss(apply)))(cohort_params, x)
+    want = jax.jit(jax.vmap(jax.value_and_grad(loss(m.apply))))(cohort_params, x)
+    got = jax.jit(jax.vmap(jax.value_and_grad(loss(apply))))(cohort_params, x)
     close(got, want)
-    names = primitives(jax.vmap(jax.grad(loss(apply))), cohort_params, x)
+
+
+def test_accelerate_rewrites_the_zoo_lenet():
+    m = small_lenet()
+    params = zoo.init_params(m, (16, 16, 3), jax.random.key(0))
+    x = jnp.zeros((2, 2, 16, 16, 3))
+    cohort_params = jax.tree.map(lambda p: jnp.stack([p, p]), params)
+    grad = jax.vmap(jax.grad(lambda p, x: jnp.sum(fast.accelerate(m.apply, impl="matmul")(p, x))))
+    names = primitives(grad, cohort_params, x)
     assert "conv_general_dilated" not in names
     assert "reduce_window_max" not in names and "select_and_scatter_add" not in names
+    assert "conv_general_dilated" in primitives(m.apply, params, x[0])
 
 
 def test_accelerate_rewrites_inside_jit_and_scan_and_keeps_static_arguments():
@@ -259,6 +279,15 @@ def test_fast_round_equals_plain_round_loop_and_chunked():
     for i in range(4):
         one = update(params, jax.tree.map(lambda a: a[i], cohort.data), keys[i])
         close(jax.tree.map(lambda a: a[i], vmapped), one)
+
+
+def test_sharded_cohort_equals_unsharded():
+    # Placing the clients axis across devices (4 fake CPU devices in tests) is a
+    # performance setting: same round up to float reassociation.
+    cohort = make_cohort()
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("clients",))
+    sharded = jax.device_put(cohort, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("clients")))
+    close(round_result(sharded), round_result(cohort))
 
 
 def test_bench_round_quick(capsys):

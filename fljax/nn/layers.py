@@ -100,9 +100,10 @@ def _conv_matmul_channels_first(lhs, rhs, window_strides, padding, rhs_dilation,
     """Channels-first im2col: patches ``[K*C, N, *out]``, output ``W^T @ patches``.
 
     With the patch and channel axis leading, the matmul's long axis is the
-    pixels (``N * prod(out)``), the fast shape for XLA:CPU's matmul when the
-    channel counts are small (LeNet: 3->6, 6->16); measured 20-40% less CPU
-    time than the channels-last ``patches @ W`` for LeNet's convolutions.
+    pixels (``N * prod(out)``). For LeNet's convolutions alone it took 20-40%
+    less CPU time than the channels-last form, but the transposes back to the
+    model's channels-last layout cost more than that in the whole training step
+    (see docs/performance.md), so it is not the default.
     """
     nsp = lhs.ndim - 2
     # [C, N, *spatial] and [*spatial, I, O].
