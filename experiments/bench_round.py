@@ -65,7 +65,11 @@ def make_cohort(num_clients: int, num_examples: int, image: int, seed: int = 0) 
     x = rng.standard_normal((num_clients, num_examples, image, image, 3), dtype=np.float32)
     y = rng.integers(0, 10, (num_clients, num_examples)).astype(np.int32)
     data = ClientData(x=jnp.asarray(x), y=jnp.asarray(y), mask=jnp.ones((num_clients, num_examples), bool))
-    return Cohort(data=data, client_ids=jnp.arange(num_clients, dtype=jnp.int32), client_mask=jnp.ones(num_clients, bool))
+    return Cohort(
+        data=data,
+        client_ids=jnp.arange(num_clients, dtype=jnp.int32),
+        client_mask=jnp.ones(num_clients, bool),
+    )
 
 
 def time_rounds(step, state, cohort, rounds: int):
@@ -107,7 +111,9 @@ def aggregator_for(variant: str, cohort_size: int, num_examples: int):
         from fljax import secagg
 
         max_weight = float(2 ** int(np.ceil(np.log2(num_examples))))
-        return secagg.secure_aggregator(secagg.SecAggConfig(clip_range=1.0, frac_bits=16, max_weight=max_weight))
+        return secagg.secure_aggregator(
+            secagg.SecAggConfig(clip_range=1.0, frac_bits=16, max_weight=max_weight)
+        )
     raise ValueError(f"unknown variant {variant!r}")
 
 
@@ -160,7 +166,9 @@ def bench_fljax(args, cohort_size: int, cohort: Cohort, model, params, formulati
     return results
 
 
-def central_examples_per_sec(model, params, image: int, batch: int, steps: int, accelerate: bool, driver: str):
+def central_examples_per_sec(
+    model, params, image: int, batch: int, steps: int, accelerate: bool, driver: str
+):
     """Examples/s of the CNN trained centrally (one model) at ``batch``: a jitted step
     driven by a Python loop (``driver="loop"``) or ``steps`` steps in one jitted ``lax.scan``."""
     apply = fast.accelerate(model.apply) if accelerate else model.apply
@@ -210,8 +218,12 @@ def matmul_gflops(n: int) -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="seconds-long smoke run (small images, few clients)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="seconds-long smoke run (small images, few clients)"
+    )
     parser.add_argument("--cohorts", default="10,100")
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds (after one warm-up)")
     parser.add_argument("--variants", default="plain,dp,secagg")
@@ -261,8 +273,13 @@ def main(argv=None) -> int:
                 model, params, image, args.central_batch, args.central_steps, accelerate, driver
             )
             name = f"{'fast' if accelerate else 'xla'}_conv_{driver}"
-            emit(system="central", formulation=name, batch=args.central_batch, examples_per_sec=round(eps, 1),
-                 compile_sec=round(csec, 2))
+            emit(
+                system="central",
+                formulation=name,
+                batch=args.central_batch,
+                examples_per_sec=round(eps, 1),
+                compile_sec=round(csec, 2),
+            )
             if best is None or eps > best[0]:
                 best = (eps, name)
         central = best
@@ -271,15 +288,30 @@ def main(argv=None) -> int:
         cohort = make_cohort(cohort_size, num_examples, image)
         if args.shard and jax.device_count() > 1 and cohort_size % jax.device_count() == 0:
             mesh = jax.sharding.Mesh(np.array(jax.devices()), ("clients",))
-            cohort = jax.device_put(cohort, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("clients")))
+            cohort = jax.device_put(
+                cohort, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("clients"))
+            )
         for formulation in args.formulations.split(","):
-            res = bench_fljax(args, cohort_size, cohort, model, params, formulation,
-                              variants if formulation == args.formulations.split(",")[0] else ["plain"])
+            res = bench_fljax(
+                args,
+                cohort_size,
+                cohort,
+                model,
+                params,
+                formulation,
+                variants if formulation == args.formulations.split(",")[0] else ["plain"],
+            )
             if central is not None and "plain" in res and formulation == args.formulations.split(",")[0]:
                 sec = cohort_size * num_examples / central[0]
-                emit(system="hw_bound", cohort=cohort_size, formulation=central[1], batch=args.central_batch,
-                     sec_per_round=round(sec, 4), examples_per_sec=round(central[0], 1),
-                     fljax_over_hw_bound=round(res["plain"] / sec, 3))
+                emit(
+                    system="hw_bound",
+                    cohort=cohort_size,
+                    formulation=central[1],
+                    batch=args.central_batch,
+                    sec_per_round=round(sec, 4),
+                    examples_per_sec=round(central[0], 1),
+                    fljax_over_hw_bound=round(res["plain"] / sec, 3),
+                )
         del cohort
     return 0
 

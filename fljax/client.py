@@ -10,7 +10,8 @@ with ``delta = server_params - local_params``.
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -186,7 +187,9 @@ def local_sgd(
                 k = jax.random.fold_in(step_key, step_index)
                 grad, loss = grad_fn(params, x, y, mask, k)
                 if proximal_mu:
-                    grad = jax.tree.map(lambda g, p, s: g + proximal_mu * (p - s), grad, params, server_params)
+                    grad = jax.tree.map(
+                        lambda g, p, s: g + proximal_mu * (p - s), grad, params, server_params
+                    )
                 updates, new_opt_state = optimizer.update(grad, opt_state, params)
                 new_params = optax.apply_updates(params, updates)
                 real = jnp.any(mask)
@@ -205,8 +208,15 @@ def local_sgd(
             )
             return carry, None
 
-        init = (server_params, optimizer.init(server_params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (params, _, loss_sum, step_count), _ = jax.lax.scan(epoch, init, jnp.arange(num_epochs, dtype=jnp.uint32))
+        init = (
+            server_params,
+            optimizer.init(server_params),
+            jnp.zeros((), jnp.float32),
+            jnp.zeros((), jnp.float32),
+        )
+        (params, _, loss_sum, step_count), _ = jax.lax.scan(
+            epoch, init, jnp.arange(num_epochs, dtype=jnp.uint32)
+        )
         n = jnp.sum(data.mask.astype(jnp.float32))
         if weighting == "num_examples":
             weight = n

@@ -24,7 +24,8 @@ returned unchanged, so MLPs are not affected.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -106,8 +107,8 @@ def _eval(jaxpr, consts, *args):
     def read(v):
         return v.val if isinstance(v, jcore.Literal) else env[v]
 
-    env.update(zip(jaxpr.constvars, consts))
-    env.update(zip(jaxpr.invars, args))
+    env.update(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
         name = eqn.primitive.name
@@ -130,8 +131,11 @@ def _eval(jaxpr, consts, *args):
             ]
         elif name == "reduce_window_max" and _pool_supported(eqn):
             outvals = [layers.window_max(invals[0], p["window_dimensions"])]
-        elif name in _CALLS and "jaxpr" in p and isinstance(p["jaxpr"], jcore.ClosedJaxpr) and _has_target(
-            p["jaxpr"].jaxpr
+        elif (
+            name in _CALLS
+            and "jaxpr" in p
+            and isinstance(p["jaxpr"], jcore.ClosedJaxpr)
+            and _has_target(p["jaxpr"].jaxpr)
         ):
             outvals = _eval(p["jaxpr"].jaxpr, p["jaxpr"].consts, *invals)
         else:
@@ -156,7 +160,7 @@ def _eval(jaxpr, consts, *args):
                     outvals = eqn.primitive.bind(*subfuns, *invals, **bind_params)
             if not eqn.primitive.multiple_results:
                 outvals = [outvals]
-        env.update(zip(eqn.outvars, outvals))
+        env.update(zip(eqn.outvars, outvals, strict=True))
     return [read(v) for v in jaxpr.outvars]
 
 
@@ -188,7 +192,7 @@ def accelerate(fn: Callable, *, impl: layers.Impl | None = None) -> Callable:
 
         def flat_fn(*values):
             full = list(leaves)
-            for i, v in zip(dynamic, values):
+            for i, v in zip(dynamic, values, strict=True):
                 full[i] = v
             a, k = jax.tree.unflatten(in_tree, full)
             return fn(*a, **k)
@@ -217,6 +221,8 @@ def with_compute_dtype(apply_fn: Callable, dtype) -> Callable:
 
     def apply(params, x, *args, **kwargs):
         out = apply_fn(jax.tree.map(cast, params), jax.tree.map(cast, x), *args, **kwargs)
-        return jax.tree.map(lambda o: o.astype(jnp.float32) if jnp.issubdtype(o.dtype, jnp.floating) else o, out)
+        return jax.tree.map(
+            lambda o: o.astype(jnp.float32) if jnp.issubdtype(o.dtype, jnp.floating) else o, out
+        )
 
     return apply

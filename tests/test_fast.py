@@ -90,7 +90,9 @@ def test_conv_layouts_and_dimension_numbers(layout):
     close(lax.conv_general_dilated(x, w, (2, 1), "SAME"), conv(x, w, (2, 1), "SAME"))
     xh, wh = jnp.transpose(x, (0, 2, 3, 1)), jnp.transpose(w, (2, 3, 1, 0))
     dn = ("NHWC", "HWIO", "NHWC")
-    loss = lambda conv: (lambda w, x: jnp.sum(jnp.sin(conv(x, w, (1, 2), ((1, 0), (2, 1)), dimension_numbers=dn))))
+    loss = lambda conv: (
+        lambda w, x: jnp.sum(jnp.sin(conv(x, w, (1, 2), ((1, 0), (2, 1)), dimension_numbers=dn)))
+    )
     grads = lambda conv: jax.jit(jax.vmap(jax.grad(loss(conv), argnums=(0, 1))))(
         jnp.stack([wh, 2 * wh]), jnp.stack([xh, xh])
     )
@@ -101,7 +103,11 @@ def test_conv_layouts_and_dimension_numbers(layout):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(feature_group_count=2), dict(lhs_dilation=(2, 2), padding=((1, 1), (1, 1))), dict(padding=((-1, 0), (0, 0)))],
+    [
+        dict(feature_group_count=2),
+        dict(lhs_dilation=(2, 2), padding=((1, 1), (1, 1))),
+        dict(padding=((-1, 0), (0, 0))),
+    ],
 )
 def test_unsupported_conv_falls_back_to_xla(kwargs):
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
@@ -113,7 +119,8 @@ def test_unsupported_conv_falls_back_to_xla(kwargs):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert not fnn.supports_conv(x.shape, w.shape, (1, 1), padding, dimension_numbers=dn, **kwargs)
     fn = lambda x, w: fast.accelerate(
-        lambda x, w: lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=dn, **kwargs), impl="matmul"
+        lambda x, w: lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=dn, **kwargs),
+        impl="matmul",
     )(x, w)
     assert "conv_general_dilated" in primitives(fn, x, w)
 
@@ -121,7 +128,11 @@ def test_unsupported_conv_falls_back_to_xla(kwargs):
 def test_impl_setting():
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
     w = jax.random.normal(jax.random.key(2), (3, 3, 3, 4))
-    conv = lambda impl: (lambda x, w: fnn.conv_general_dilated(x, w, (1, 1), "VALID", impl=impl, dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    conv = lambda impl: (
+        lambda x, w: fnn.conv_general_dilated(
+            x, w, (1, 1), "VALID", impl=impl, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+    )
     assert "conv_general_dilated" in primitives(conv("xla"), x, w)
     assert "conv_general_dilated" not in primitives(conv("matmul"), x, w)
     # "auto" is the matmul form on CPU.
@@ -152,13 +163,17 @@ def test_max_pool_matches_flax_values_and_gradients(shape, window):
     scale = jnp.arange(1.0, 1.0 + np.prod(out_shape)).reshape(out_shape)
     want = lambda x: jnp.sum(jnp.sin(nn.max_pool(x, window, window)) * scale)
     got = lambda x: jnp.sum(jnp.sin(fnn.max_pool(x, window, window, impl="matmul")) * scale)
-    np.testing.assert_array_equal(fnn.max_pool(x, window, window, impl="matmul"), nn.max_pool(x, window, window))
+    np.testing.assert_array_equal(
+        fnn.max_pool(x, window, window, impl="matmul"), nn.max_pool(x, window, window)
+    )
     np.testing.assert_array_equal(jax.grad(got)(x), jax.grad(want)(x))
 
 
 def test_overlapping_or_padded_pool_falls_back():
     x = jax.random.normal(jax.random.key(3), (2, 8, 8, 3))
-    np.testing.assert_array_equal(fnn.max_pool(x, (3, 3), (2, 2), impl="matmul"), nn.max_pool(x, (3, 3), (2, 2)))
+    np.testing.assert_array_equal(
+        fnn.max_pool(x, (3, 3), (2, 2), impl="matmul"), nn.max_pool(x, (3, 3), (2, 2))
+    )
     np.testing.assert_array_equal(
         fnn.max_pool(x, (2, 2), (2, 2), "SAME", impl="matmul"), nn.max_pool(x, (2, 2), (2, 2), "SAME")
     )
@@ -183,9 +198,11 @@ def test_accelerate_values_gradients_and_vmap():
     m = TinyCNN()
     params = zoo.init_params(m, (8, 8, 3), jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (2, 3, 8, 8, 3))
-    cohort_params = jax.tree.map(lambda p: p[None] + 0.01 * jnp.arange(2.0).reshape((2,) + (1,) * p.ndim), params)
+    cohort_params = jax.tree.map(
+        lambda p: p[None] + 0.01 * jnp.arange(2.0).reshape((2,) + (1,) * p.ndim), params
+    )
     apply = fast.accelerate(m.apply, impl="matmul")
-    loss = lambda apply: (lambda p, x: jnp.sum(jnp.tanh(apply(p, x))))
+    loss = lambda apply: lambda p, x: jnp.sum(jnp.tanh(apply(p, x)))
     want = jax.jit(jax.vmap(jax.value_and_grad(loss(m.apply))))(cohort_params, x)
     got = jax.jit(jax.vmap(jax.value_and_grad(loss(apply))))(cohort_params, x)
     close(got, want)
@@ -218,7 +235,9 @@ def test_accelerate_rewrites_inside_jit_and_scan_and_keeps_static_arguments():
     fa = fast.accelerate(fn, impl="matmul")
     close(fa(w, x, times=3), fn(w, x, times=3))
     assert "conv_general_dilated" not in primitives(lambda w, x: fa(w, x, times=3), w, x)
-    close(jax.grad(lambda w: jnp.sum(fa(w, x, times=2)))(w), jax.grad(lambda w: jnp.sum(fn(w, x, times=2)))(w))
+    close(
+        jax.grad(lambda w: jnp.sum(fa(w, x, times=2)))(w), jax.grad(lambda w: jnp.sum(fn(w, x, times=2)))(w)
+    )
 
 
 def test_accelerate_leaves_models_without_convolutions_alone():
@@ -234,7 +253,9 @@ def test_compute_dtype_float32_is_identity_and_bfloat16_runs():
     m = small_lenet()
     params = zoo.init_params(m, (16, 16, 3), jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
-    np.testing.assert_array_equal(fast.with_compute_dtype(m.apply, jnp.float32)(params, x), m.apply(params, x))
+    np.testing.assert_array_equal(
+        fast.with_compute_dtype(m.apply, jnp.float32)(params, x), m.apply(params, x)
+    )
     out = fast.with_compute_dtype(m.apply, jnp.bfloat16)(params, x)
     assert out.dtype == jnp.float32
     close(out, m.apply(params, x), rtol=0.1, atol=0.1)
@@ -277,8 +298,8 @@ def test_fast_round_equals_plain_round_loop_and_chunked():
     keys = jax.random.split(jax.random.key(3), 4)
     vmapped = simulation.map_clients(lambda d, k: update(params, d, k), cohort.data, keys)
     for i in range(4):
-        one = update(params, jax.tree.map(lambda a: a[i], cohort.data), keys[i])
-        close(jax.tree.map(lambda a: a[i], vmapped), one)
+        one = update(params, jax.tree.map(lambda a, i=i: a[i], cohort.data), keys[i])
+        close(jax.tree.map(lambda a, i=i: a[i], vmapped), one)
 
 
 def test_sharded_cohort_equals_unsharded():
@@ -299,7 +320,9 @@ def test_bench_round_quick(capsys):
     assert bench_round.main(["--quick"]) == 0
     lines = [json.loads(s) for s in capsys.readouterr().out.splitlines() if s.startswith("{")]
     systems = {(r["system"], r.get("variant")) for r in lines}
-    assert ("fljax", "plain") in systems and ("hw_bound", None) in systems and ("matmul_peak", None) in systems
+    assert (
+        ("fljax", "plain") in systems and ("hw_bound", None) in systems and ("matmul_peak", None) in systems
+    )
     for r in lines:
         if r["system"] == "fljax" and "skipped" not in r:
             assert r["sec_per_round"] > 0 and r["examples_per_sec"] > 0 and r["bench"] == "seed_cifar"

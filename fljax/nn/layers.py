@@ -96,7 +96,9 @@ def supports_conv(
     return True
 
 
-def _conv_matmul_channels_first(lhs, rhs, window_strides, padding, rhs_dilation, dn, precision, preferred_element_type):
+def _conv_matmul_channels_first(
+    lhs, rhs, window_strides, padding, rhs_dilation, dn, precision, preferred_element_type
+):
     """Channels-first im2col: patches ``[K*C, N, *out]``, output ``W^T @ patches``.
 
     With the patch and channel axis leading, the matmul's long axis is the
@@ -113,7 +115,7 @@ def _conv_matmul_channels_first(lhs, rhs, window_strides, padding, rhs_dilation,
     w = jnp.transpose(rhs, rhs_perm) if rhs_perm != tuple(range(rhs.ndim)) else rhs
     ksize = w.shape[:nsp]
     rd = tuple(rhs_dilation) if rhs_dilation is not None else (1,) * nsp
-    eff = tuple((k - 1) * d + 1 for k, d in zip(ksize, rd))
+    eff = tuple((k - 1) * d + 1 for k, d in zip(ksize, rd, strict=True))
     if isinstance(padding, str):
         pads = lax.padtype_to_pads(x.shape[2:], eff, window_strides, padding)
     else:
@@ -125,10 +127,10 @@ def _conv_matmul_channels_first(lhs, rhs, window_strides, padding, rhs_dilation,
         raise ValueError(f"convolution output would be empty: input {lhs.shape}, kernel {rhs.shape}")
     cols = []
     for offs in itertools.product(*[range(k) for k in ksize]):
-        start = (0, 0, *[o * d for o, d in zip(offs, rd)])
+        start = (0, 0, *[o * d for o, d in zip(offs, rd, strict=True)])
         limit = (
             *x.shape[:2],
-            *[s + (n - 1) * st + 1 for s, n, st in zip(start[2:], out_sp, window_strides)],
+            *[s + (n - 1) * st + 1 for s, n, st in zip(start[2:], out_sp, window_strides, strict=True)],
         )
         cols.append(lax.slice(x, start, limit, (1, 1, *window_strides)))
     patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=0)  # [K*C, N, *out]
@@ -149,7 +151,9 @@ def _conv_matmul_channels_first(lhs, rhs, window_strides, padding, rhs_dilation,
     return jnp.transpose(y, inv) if tuple(inv) != tuple(range(y.ndim)) else y
 
 
-def _conv_matmul_channels_last(lhs, rhs, window_strides, padding, rhs_dilation, dn, precision, preferred_element_type):
+def _conv_matmul_channels_last(
+    lhs, rhs, window_strides, padding, rhs_dilation, dn, precision, preferred_element_type
+):
     """Channels-last im2col: patches ``[N, *out, K*C]``, output ``patches @ W``."""
     nsp = lhs.ndim - 2
     # To channels-last [N, *spatial, C] and [*spatial, I, O].
@@ -159,7 +163,7 @@ def _conv_matmul_channels_last(lhs, rhs, window_strides, padding, rhs_dilation, 
     w = jnp.transpose(rhs, rhs_perm) if rhs_perm != tuple(range(rhs.ndim)) else rhs
     ksize = w.shape[:nsp]
     rd = tuple(rhs_dilation) if rhs_dilation is not None else (1,) * nsp
-    eff = tuple((k - 1) * d + 1 for k, d in zip(ksize, rd))
+    eff = tuple((k - 1) * d + 1 for k, d in zip(ksize, rd, strict=True))
     if isinstance(padding, str):
         pads = lax.padtype_to_pads(x.shape[1:-1], eff, window_strides, padding)
     else:
@@ -171,10 +175,10 @@ def _conv_matmul_channels_last(lhs, rhs, window_strides, padding, rhs_dilation, 
         raise ValueError(f"convolution output would be empty: input {x.shape}, kernel {w.shape}")
     cols = []
     for offs in itertools.product(*[range(k) for k in ksize]):
-        start = (0, *[o * d for o, d in zip(offs, rd)], 0)
+        start = (0, *[o * d for o, d in zip(offs, rd, strict=True)], 0)
         limit = (
             x.shape[0],
-            *[s + (n - 1) * st + 1 for s, n, st in zip(start[1:-1], out_sp, window_strides)],
+            *[s + (n - 1) * st + 1 for s, n, st in zip(start[1:-1], out_sp, window_strides, strict=True)],
             x.shape[-1],
         )
         cols.append(lax.slice(x, start, limit, (1, *window_strides, 1)))
@@ -290,12 +294,12 @@ def window_max(x: jax.Array, window: Sequence[int]) -> jax.Array:
     window = tuple(int(w) for w in window)
     if len(window) != x.ndim:
         raise ValueError(f"window {window} needs one entry per dim of {x.shape}")
-    out = tuple(n // w for n, w in zip(x.shape, window))
+    out = tuple(n // w for n, w in zip(x.shape, window, strict=True))
     if any(o == 0 for o in out):
         raise ValueError(f"pooling window {window} larger than the input {x.shape}")
     result = None
     for offs in itertools.product(*[range(w) for w in window]):
-        limit = tuple(o + (n - 1) * w + 1 for o, n, w in zip(offs, out, window))
+        limit = tuple(o + (n - 1) * w + 1 for o, n, w in zip(offs, out, window, strict=True))
         e = lax.slice(x, offs, limit, window)
         result = e if result is None else lax.select(result >= e, result, e)
     return result
