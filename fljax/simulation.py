@@ -13,7 +13,8 @@ applies the combined delta as a pseudo-gradient. Algorithms in
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ import optax
 
 from fljax import aggregators as aggregators_lib
 from fljax import random as fl_random
+from fljax import tree
 from fljax.base import (
     Aggregator,
     ClientOutput,
@@ -30,6 +32,7 @@ from fljax.base import (
     Params,
     ServerState,
 )
+from fljax.data import bucketing
 
 
 def map_clients(
@@ -98,6 +101,32 @@ def check_cohort(cohort: Cohort) -> None:
             )
 
 
+def server_update(
+    state: ServerState,
+    out: ClientOutput,
+    key: jax.Array,
+    aggregator: Aggregator,
+    server_optimizer: optax.GradientTransformation,
+) -> tuple[ServerState, dict]:
+    """The server half of a round: aggregate the clients' outputs, apply the optimizer.
+
+    Returns the new state and the round's metrics: client metrics averaged over
+    participating clients (example-weighted), the aggregator's metrics and
+    ``delta_norm``.
+    """
+    agg_key = fl_random.stream(key, "aggregate")
+    agg_state, delta, agg_metrics = aggregator.aggregate(state.aggregator_state, out.delta, out.weight, agg_key)
+    updates, opt_state = server_optimizer.update(delta, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    present = out.weight > 0
+    w = jnp.where(present, out.weight, 0.0)
+    wsum = jnp.maximum(jnp.sum(w), 1e-12)
+    metrics = {f"client_{k}": jnp.sum(jnp.where(present, v, 0.0) * w) / wsum for k, v in out.metrics.items()}
+    metrics.update(agg_metrics)
+    metrics["delta_norm"] = optax.tree.norm(delta)
+    return ServerState(params, opt_state, agg_state, state.round + 1), metrics
+
+
 def averaging_algorithm(
     client_update: ClientUpdate,
     server_optimizer: optax.GradientTransformation,
@@ -137,19 +166,125 @@ def averaging_algorithm(
     def update(state: ServerState, cohort: Cohort, key: jax.Array) -> tuple[ServerState, dict]:
         check_cohort(cohort)
         out = run_clients(client_update, state.params, cohort, key, chunk_size=chunk_size)
-        agg_key = fl_random.stream(key, "aggregate")
-        agg_state, delta, agg_metrics = aggregator.aggregate(state.aggregator_state, out.delta, out.weight, agg_key)
-        updates, opt_state = server_optimizer.update(delta, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        present = out.weight > 0
-        w = jnp.where(present, out.weight, 0.0)
-        wsum = jnp.maximum(jnp.sum(w), 1e-12)
-        metrics = {
-            f"client_{k}": jnp.sum(jnp.where(present, v, 0.0) * w) / wsum for k, v in out.metrics.items()
-        }
-        metrics.update(agg_metrics)
-        metrics["delta_norm"] = optax.global_norm(delta)
-        new_state = ServerState(params, opt_state, agg_state, state.round + 1)
-        return new_state, metrics
+        return server_update(state, out, key, aggregator, server_optimizer)
 
     return FederatedAlgorithm(init, update)
+
+
+class BucketedAlgorithm(NamedTuple):
+    """``init(params) -> ServerState``; ``update(state, cohorts, key) -> (state, metrics)``.
+
+    ``update`` takes the list of bucket cohorts of ONE round and is not itself
+    jitted: it calls one jitted function per bucket shape and one for the
+    server step (each compiled once per shape).
+    """
+
+    init: Callable[[Params], ServerState]
+    update: Callable[[ServerState, Sequence[Cohort], jax.Array], tuple[ServerState, dict]]
+
+
+def _chunked(fn, cohort: Cohort, keys: jax.Array, chunk_size: int | None):
+    """Sum ``fn(data, keys, mask)`` over chunks of clients with a scan (memory O(chunk))."""
+    n = cohort.client_mask.shape[0]
+    args = (cohort.data, keys, cohort.client_mask)
+    if chunk_size is None or chunk_size >= n:
+        return fn(*args)
+    if n % chunk_size:
+        raise ValueError(f"bucket of {n} slots is not a multiple of chunk_size {chunk_size}")
+    chunks = jax.tree.map(lambda a: a.reshape((n // chunk_size, chunk_size) + a.shape[1:]), args)
+    first = jax.tree.map(lambda a: a[0], chunks)
+    rest = jax.tree.map(lambda a: a[1:], chunks)
+    init = fn(*first)
+
+    def body(carry, chunk):
+        return jax.tree.map(jnp.add, carry, fn(*chunk)), None
+
+    total, _ = jax.lax.scan(body, init, rest)
+    return total
+
+
+def bucketed_algorithm(
+    client_update: ClientUpdate,
+    server_optimizer: optax.GradientTransformation,
+    *,
+    aggregator: Aggregator | None = None,
+    chunk_size: int | None = None,
+) -> BucketedAlgorithm:
+    """The averaging round of :func:`averaging_algorithm` over size buckets (:mod:`fljax.data.bucketing`).
+
+    Args:
+      client_update: one client's update (e.g. :func:`fljax.client.local_sgd`).
+      server_optimizer: any optax optimizer (``optax.sgd(1.0)`` is FedAvg).
+      aggregator: ``None`` streams the example-weighted mean bucket by bucket
+        (non-finite clients dropped, as :func:`fljax.aggregators.weighted_mean`);
+        any other aggregator gets the concatenated outputs of all buckets.
+      chunk_size: clients per vmapped chunk inside a bucket (memory); buckets
+        from :func:`split` with the same ``chunk_size`` divide evenly.
+
+    Returns:
+      A :class:`BucketedAlgorithm`. Metrics: example-weighted ``client_*``
+      metrics, ``num_nonfinite``, ``total_weight``, ``num_clients`` (or the
+      aggregator's), and ``delta_norm``.
+    """
+    streaming = aggregator is None
+    aggregator = aggregator if aggregator is not None else aggregators_lib.weighted_mean()
+
+    def init(params: Params) -> ServerState:
+        return ServerState(
+            params, server_optimizer.init(params), aggregator.init(params), jnp.zeros((), jnp.int32)
+        )
+
+    def client_sums(params, data, keys, mask):
+        out = jax.vmap(lambda d, k: client_update(params, d, k))(data, keys)
+        weight = jnp.where(mask, out.weight, 0.0).astype(jnp.float32)
+        w, bad = aggregators_lib.sanitize(out.delta, weight)
+        metric_sums = {k: tree.weighted_sum(v, w) for k, v in out.metrics.items()}
+        return tree.weighted_sum(out.delta, w), jnp.sum(w), metric_sums, bad, jnp.sum(w > 0).astype(jnp.int32)
+
+    @jax.jit
+    def bucket_sums(params, cohort, key):
+        check_cohort(cohort)
+        keys = fl_random.client_keys(fl_random.stream(key, "clients"), cohort.client_ids)
+        return _chunked(lambda d, k, m: client_sums(params, d, k, m), cohort, keys, chunk_size)
+
+    @jax.jit
+    def bucket_outputs(params, cohort, key):
+        check_cohort(cohort)
+        return run_clients(client_update, params, cohort, key, chunk_size=chunk_size)
+
+    def server_step(state, delta, agg_state, metrics):
+        updates, opt_state = server_optimizer.update(delta, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, delta_norm=optax.tree.norm(delta))
+        return ServerState(params, opt_state, agg_state, state.round + 1), metrics
+
+    add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+
+    @jax.jit
+    def finish_streaming(state, total):
+        delta_sum, wsum, metric_sums, bad, count = total
+        denom = jnp.where(wsum > 0, wsum, 1.0)
+        delta = jax.tree.map(lambda s: s / denom.astype(s.dtype), delta_sum)
+        metrics = {f"client_{k}": v / denom for k, v in metric_sums.items()}
+        metrics.update(num_nonfinite=bad, total_weight=wsum, num_clients=count)
+        return server_step(state, delta, state.aggregator_state, metrics)
+
+    finish_outputs = jax.jit(lambda state, out, key: server_update(state, out, key, aggregator, server_optimizer))
+
+    def update(state: ServerState, cohorts: Sequence[Cohort], key: jax.Array) -> tuple[ServerState, dict]:
+        if not cohorts:
+            raise ValueError("no bucket cohorts given")
+        if streaming:
+            total = bucket_sums(state.params, cohorts[0], key)
+            for c in cohorts[1:]:  # one compiled add, whatever the number of calls
+                total = add(total, bucket_sums(state.params, c, key))
+            return finish_streaming(state, total)
+        outs = [bucket_outputs(state.params, c, key) for c in cohorts]
+        total = sum(int(o.weight.shape[0]) for o in outs)
+        pad = bucketing.capacity(total) - total  # zero-weight slots: few distinct aggregation shapes
+        if pad:
+            outs.append(jax.tree.map(lambda a: jnp.zeros((pad,) + a.shape[1:], a.dtype), outs[0]))
+        out = jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
+        return finish_outputs(state, out, key)
+
+    return BucketedAlgorithm(init, update)

@@ -48,7 +48,7 @@ def test_bucketed_round_equals_padded_round():
         padded.init(params), data.cohort(ids, client_mask=mask), key
     )
     for agg in (None, aggregators.weighted_mean()):  # streamed sums, and concatenated outputs
-        bucketed = bucketing.bucketed_algorithm(update, optax.sgd(1.0), aggregator=agg, chunk_size=2)
+        bucketed = simulation.bucketed_algorithm(update, optax.sgd(1.0), aggregator=agg, chunk_size=2)
         state, metrics = bucketed.update(bucketed.init(params), cohorts, key)
         _check(state, metrics, ref_state, ref_metrics)
     assert bucketing.padding_fraction(cohorts, BATCH) < bucketing.padding_fraction([data.cohort(ids)], BATCH)
