@@ -59,7 +59,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="seconds-long smoke run")
     ap.add_argument("--cohorts", type=int, nargs="*", default=None)
     ap.add_argument("--rounds", type=int, default=3, help="measured rounds (cohorts <= 1,000)")
-    ap.add_argument("--num-buckets", type=int, default=12)
+    ap.add_argument("--num-buckets", type=int, default=24)
     ap.add_argument("--slots", type=int, default=256, help="clients per compiled call for cohorts over 1,000 (capped at 64)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -82,7 +82,9 @@ def main():
     update = client.local_sgd(apply, optax.sgd(0.05), batch_size=batch)
     plan = bucketing.plan(data.sizes, batch, num_buckets=args.num_buckets)
     for cohort_size in cohorts:
-        slots = 8 if cohort_size <= 1000 else min(args.slots, 64)  # slot granularity drives padding
+        # Slot granularity drives padding: at 24 buckets, 4 / 8 / 64 slots per call give
+        # about 7% / 3% / 3% padding steps at cohorts 100 / 1,000 / 10,000 on this population.
+        slots = 4 if cohort_size <= 100 else 8 if cohort_size <= 1000 else min(args.slots, 64)
         algo = simulation.bucketed_algorithm(update, optax.sgd(1.0))
         state = algo.init(params)
         big = cohort_size >= 10_000 and not args.quick
