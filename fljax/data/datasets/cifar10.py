@@ -1,8 +1,8 @@
 """CIFAR-10: tensorflow-datasets where it can download, else a local JPEG copy.
 
 The offline source is ``cifar10_jpeg_q75.tar.gz`` (``train/<class>/NNNN.jpg``,
-``test/<class>/NNNN.jpg``) found in ``data_dir``, ``$FLJAX_DATA_DIR/cifar10_jpeg``
-or ``../shared/data/cifar10_jpeg``. It is CIFAR-10 re-encoded as JPEG quality
+``test/<class>/NNNN.jpg``) found as :mod:`fljax.data.datasets.paths` says:
+``data_dir``, ``$FLJAX_DATA_DIR/cifar10_jpeg`` or ``../shared/data/cifar10_jpeg``. It is CIFAR-10 re-encoded as JPEG quality
 75: pixels are not bit-identical to CIFAR-10, so report results as
 "CIFAR-10 (JPEG)". The archive is decoded once and cached as ``.npz``.
 """
@@ -16,25 +16,12 @@ import tarfile
 
 import numpy as np
 
+from fljax.data.datasets import paths
+
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 ARCHIVE = "cifar10_jpeg_q75.tar.gz"
 MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
 STD = np.array([0.2470, 0.2435, 0.2616], np.float32)
-
-
-def find_dir(data_dir: str | os.PathLike | None, name: str) -> pathlib.Path | None:
-    """The first existing folder among ``data_dir``, ``$FLJAX_DATA_DIR/name``, ``../shared/data/name``."""
-    candidates = []
-    if data_dir is not None:
-        candidates.append(pathlib.Path(data_dir))
-    if os.environ.get("FLJAX_DATA_DIR"):
-        candidates.append(pathlib.Path(os.environ["FLJAX_DATA_DIR"]) / name)
-    candidates.append(pathlib.Path.cwd().parent / "shared" / "data" / name)
-    candidates.append(pathlib.Path(__file__).resolve().parents[4] / "shared" / "data" / name)
-    for c in candidates:
-        if c.is_dir():
-            return c
-    return None
 
 
 def decode_archive(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -90,8 +77,13 @@ def load_raw(
     """
     if source not in ("auto", "jpeg", "tfds"):
         raise ValueError(f"source must be 'auto', 'jpeg' or 'tfds', got {source!r}")
-    folder = find_dir(data_dir, "cifar10_jpeg")
-    if source == "tfds" or (source == "auto" and (folder is None or not (folder / ARCHIVE).exists())):
+    try:
+        folder = paths.find("cifar10_jpeg", [ARCHIVE], None if source == "tfds" else data_dir)
+    except FileNotFoundError:
+        if source == "jpeg":
+            raise
+        folder = None
+    if source == "tfds" or folder is None:
         if source == "auto":
             try:
                 import tensorflow  # noqa: F401
@@ -105,12 +97,10 @@ def load_raw(
         data = _from_tfds(data_dir)
         data["source"] = np.asarray("tfds:cifar10")
         return data
-    if folder is None or not (folder / ARCHIVE).exists():
-        raise FileNotFoundError(f"{ARCHIVE} not found in {data_dir or '$FLJAX_DATA_DIR or ../shared/data'}")
     archive = folder / ARCHIVE
     cache = pathlib.Path(cache_dir or os.environ.get("FLJAX_CACHE_DIR", pathlib.Path.home() / ".cache" / "fljax"))
     stat = archive.stat()
-    cached = cache / f"cifar10_jpeg_{stat.st_size}.npz"
+    cached = cache / f"cifar10_jpeg_{stat.st_size}_{int(stat.st_mtime)}.npz"
     if cached.exists():
         with np.load(cached) as f:
             data = {k: f[k] for k in f.files}
