@@ -18,6 +18,7 @@ from fljax import nn as fnn
 from fljax.algorithms import fedavg
 from fljax.base import ClientData, Cohort
 from fljax.models import zoo
+from fljax.nn import layers
 
 TOL = dict(rtol=2e-4, atol=2e-5)
 
@@ -52,19 +53,21 @@ CONV_CASES = [
     ((9, 9), (3, 2), (1, 2), ((1, 2), (0, 1)), (2, 1), 4, 3),
     ((7, 7), (1, 1), (2, 2), "VALID", (1, 1), 5, 7),
     ((10,), (3,), (2,), "SAME", (2,), 3, 4),
+    ((6, 7, 5), (3, 2, 3), (1, 2, 2), "SAME", (1, 1, 2), 2, 3),
 ]
 
 
+@pytest.mark.parametrize("layout", ["banded", "channels_last"])
 @pytest.mark.parametrize("case", CONV_CASES)
-def test_conv_matches_xla_vmapped_values_and_gradients(case):
+def test_conv_matches_xla_vmapped_values_and_gradients(case, layout):
     spatial, kernel, strides, padding, rd, cin, cout = case
     clients, batch = 3, 2
     nsp = len(spatial)
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(k1, (clients, batch, *spatial, cin))
     w = jax.random.normal(k2, (clients, *kernel, cin, cout))
-    lhs = "NHWC" if nsp == 2 else "NWC"
-    rhs = "HWIO" if nsp == 2 else "WIO"
+    lhs = {1: "NWC", 2: "NHWC", 3: "NDHWC"}[nsp]
+    rhs = {1: "WIO", 2: "HWIO", 3: "DHWIO"}[nsp]
     dn = (lhs, rhs, lhs)
 
     def make(conv):
@@ -74,15 +77,17 @@ def test_conv_matches_xla_vmapped_values_and_gradients(case):
 
         return jax.jit(jax.vmap(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)))
 
-    fast_conv = functools.partial(fnn.conv_general_dilated, impl="matmul")
+    fast_conv = functools.partial(fnn.conv_general_dilated, impl="matmul", layout=layout)
     (_, y1), g1 = make(lax.conv_general_dilated)(w, x)
     (_, y2), g2 = make(fast_conv)(w, x)
-    close(y1, y2)
-    close(g1, g2)
+    # Unit-normal weights: outputs and gradients of order 10, so float32
+    # reassociation reaches 1e-5 in absolute terms.
+    close(y1, y2, rtol=2e-4, atol=1e-4)
+    close(g1, g2, rtol=2e-4, atol=1e-4)
     assert "conv_general_dilated" not in primitives(make(fast_conv), w, x)
 
 
-@pytest.mark.parametrize("layout", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("layout", ["auto", "banded", "channels_last", "channels_first"])
 def test_conv_layouts_and_dimension_numbers(layout):
     x = jax.random.normal(jax.random.key(1), (2, 3, 8, 9))  # NCHW
     w = jax.random.normal(jax.random.key(2), (4, 3, 3, 3))  # OIHW
@@ -99,6 +104,43 @@ def test_conv_layouts_and_dimension_numbers(layout):
     close(grads(conv), grads(lax.conv_general_dilated))
     with pytest.raises(ValueError, match="layout"):
         fnn.conv_general_dilated(x, w, (1, 1), "SAME", impl="matmul", layout="nchw")
+
+
+def test_auto_layout_is_banded_where_it_pays_and_im2col_elsewhere():
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def jaxpr(layout, width, cin=3, cout=6):
+        x = jnp.zeros((2, 8, width, cin))
+        w = jnp.zeros((5, 5, cin, cout))
+        conv = lambda x, w: fnn.conv_general_dilated(
+            x, w, (1, 1), "VALID", dimension_numbers=dn, impl="matmul", layout=layout
+        )
+        return str(jax.make_jaxpr(conv)(x, w))
+
+    # LeNet's convolutions (28 and 10 outputs wide, 5x5 kernels): one band, no tiles.
+    assert fnn.banded_pays(28, 5, rows_factor=5 * 3, cout=6) and fnn.banded_pays(10, 5, rows_factor=5 * 6, cout=16)
+    assert fnn.band_tile(28, 5, rows_factor=5 * 3, cout=6) == 28
+    assert jaxpr("auto", 32) == jaxpr("banded", 32) != jaxpr("channels_last", 32)
+    # 224 wide: tiles of 22+ outputs keep the band narrow, so still banded.
+    assert 22 <= fnn.band_tile(220, 5, rows_factor=15, cout=6) < 220
+    assert jaxpr("auto", 224) == jaxpr("banded", 224)
+    # One output channel, 224 wide: a tile must be 128 outputs wide, 26x the work.
+    assert not fnn.banded_pays(220, 5, rows_factor=15, cout=1)
+    assert jaxpr("auto", 224, 3, 1) == jaxpr("channels_last", 224, 3, 1) != jaxpr("banded", 224, 3, 1)
+    # Many channels: even a one-column tile's band would be too large.
+    assert not fnn.banded_pays(28, 5, rows_factor=5 * 256, cout=256)
+    assert jaxpr("auto", 32, 256, 256) == jaxpr("channels_last", 32, 256, 256)
+    with pytest.raises(ValueError, match="layout"):
+        fnn.set_layout("diagonal")
+
+
+@pytest.mark.parametrize("min_columns", [1, 12])
+def test_banded_tiles_match_xla(monkeypatch, min_columns):
+    # Narrow tiles (down to one output column, and tiles that overrun the width)
+    # compute the same convolution and gradients.
+    monkeypatch.setattr(layers, "BANDED_MIN_COLUMNS", min_columns)
+    for case in CONV_CASES:
+        test_conv_matches_xla_vmapped_values_and_gradients(case, "banded")
 
 
 @pytest.mark.parametrize(
@@ -326,3 +368,15 @@ def test_bench_round_quick(capsys):
     for r in lines:
         if r["system"] == "fljax" and "skipped" not in r:
             assert r["sec_per_round"] > 0 and r["examples_per_sec"] > 0 and r["bench"] == "seed_cifar"
+
+
+@pytest.mark.parametrize("layout", ["banded", "channels_last", "channels_first"])
+def test_round_is_the_same_under_every_layout(layout):
+    cohort = make_cohort()
+    plain = round_result(cohort, accelerate=False)
+    old = fnn.get_layout()
+    try:
+        fnn.set_layout(layout)
+        close(round_result(cohort), plain)
+    finally:
+        fnn.set_layout(old)

@@ -26,6 +26,8 @@ uses the matmul form on CPU and XLA's own convolution on GPU/TPU.
 
 from fljax.nn.layers import (
     Conv,
+    band_tile,
+    banded_pays,
     conv_general_dilated,
     get_impl,
     get_layout,
@@ -38,6 +40,8 @@ from fljax.nn.layers import (
 
 __all__ = [
     "Conv",
+    "band_tile",
+    "banded_pays",
     "conv_general_dilated",
     "get_impl",
     "get_layout",

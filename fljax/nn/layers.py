@@ -9,28 +9,67 @@ from typing import Any, Literal
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Impl = Literal["auto", "matmul", "xla"]
 _IMPLS = ("auto", "matmul", "xla")
 _impl: list[str] = ["auto"]
-Layout = Literal["channels_first", "channels_last"]
-_LAYOUTS = ("channels_first", "channels_last")
-_layout: list[str] = ["channels_last"]
+Layout = Literal["auto", "banded", "channels_last", "channels_first"]
+_LAYOUTS = ("auto", "banded", "channels_last", "channels_first")
+_layout: list[str] = ["auto"]
+
+# "auto" picks the banded form when its weight matrix stays small and its extra
+# multiplications (a factor of about tile width / kernel width) stay few; see
+# :func:`banded_pays`, :func:`band_tile` and docs/performance.md for the
+# measurements behind these numbers.
+BANDED_MAX_WIDTH_RATIO = 8.0
+BANDED_MAX_ELEMENTS = 1 << 20
+BANDED_MIN_COLUMNS = 128
 
 
 def set_layout(layout: Layout) -> None:
-    """Choose the im2col layout of the matmul form (a performance setting; same result
-    up to float reassociation): ``"channels_last"`` (patches ``[N, *out, K*C] @ W``) or
-    ``"channels_first"`` (``W^T @`` patches ``[K*C, N, *out]``)."""
+    """Choose how the matmul form lays out a convolution (a performance setting; same
+    result up to float reassociation).
+
+    * ``"banded"``: the input's rows (all spatial dims but the last, unfolded by
+      the kernel) times a banded weight matrix that slides the kernel along the
+      last spatial dim: ``[N, *out[:-1], K'*W*C] @ [K'*W*C, out[-1]*O]``. The
+      unfolded input is ``K'`` times the input instead of ``prod(kernel)`` times,
+      at the price of ``W / kernel[-1]`` times the multiplications. Fastest for
+      small images and few channels (LeNet: 2x the im2col round on CPU).
+    * ``"channels_last"``: im2col, patches ``[N, *out, K*C] @ W``.
+    * ``"channels_first"``: im2col, ``W^T @`` patches ``[K*C, N, *out]``.
+    * ``"auto"`` (default): ``"banded"`` where :func:`banded_pays`, else
+      ``"channels_last"``.
+    """
     if layout not in _LAYOUTS:
         raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
     _layout[0] = layout
 
 
 def get_layout() -> str:
-    """The im2col layout (see :func:`set_layout`)."""
+    """The matmul form's layout (see :func:`set_layout`)."""
     return _layout[0]
+
+
+def banded_pays(
+    out_width: int, kernel_width: int, stride: int = 1, dilation: int = 1, rows_factor: int = 1, cout: int = 1
+) -> bool:
+    """Whether ``"auto"`` uses the banded form for a convolution ``out_width`` wide at
+    the output (last spatial dim), with ``rows_factor = prod(kernel[:-1]) * C``.
+
+    With the tile of :func:`band_tile` (``tile_in`` input columns per ``tile``
+    outputs), the band has ``rows_factor * tile_in * tile * cout`` entries and
+    costs ``tile_in / kernel_width`` times im2col's multiplications; both must
+    stay under :data:`BANDED_MAX_ELEMENTS` and :data:`BANDED_MAX_WIDTH_RATIO`.
+    """
+    tile = band_tile(out_width, kernel_width, stride, dilation, rows_factor, cout)
+    tile_in = (tile - 1) * stride + (kernel_width - 1) * dilation + 1
+    return (
+        tile_in / kernel_width <= BANDED_MAX_WIDTH_RATIO
+        and rows_factor * tile_in * tile * cout <= BANDED_MAX_ELEMENTS
+    )
 
 
 def set_impl(impl: Impl) -> None:
@@ -151,12 +190,10 @@ def _conv_matmul_channels_first(
     return jnp.transpose(y, inv) if tuple(inv) != tuple(range(y.ndim)) else y
 
 
-def _conv_matmul_channels_last(
-    lhs, rhs, window_strides, padding, rhs_dilation, dn, precision, preferred_element_type
-):
-    """Channels-last im2col: patches ``[N, *out, K*C]``, output ``patches @ W``."""
+def _channels_last_padded(lhs, rhs, window_strides, padding, rhs_dilation, dn):
+    """``lhs`` as ``[N, *spatial, C]`` padded, ``rhs`` as ``[*kernel, I, O]``, the
+    kernel dilation and the output's spatial shape."""
     nsp = lhs.ndim - 2
-    # To channels-last [N, *spatial, C] and [*spatial, I, O].
     lhs_perm = (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1])
     rhs_perm = (*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0])
     x = jnp.transpose(lhs, lhs_perm) if lhs_perm != tuple(range(lhs.ndim)) else lhs
@@ -173,6 +210,23 @@ def _conv_matmul_channels_last(
     out_sp = tuple((x.shape[1 + i] - eff[i]) // window_strides[i] + 1 for i in range(nsp))
     if any(o <= 0 for o in out_sp):
         raise ValueError(f"convolution output would be empty: input {x.shape}, kernel {w.shape}")
+    return x, w, rd, out_sp
+
+
+def _to_out_spec(y, dn):
+    """``y`` is ``[N, *spatial, O]``; place its dims where ``dn.out_spec`` says."""
+    out_spec = dn.out_spec
+    src = (out_spec[0], *out_spec[2:], out_spec[1])  # output dim of each of y's dims
+    inv = [0] * y.ndim
+    for i, d in enumerate(src):
+        inv[d] = i
+    return jnp.transpose(y, inv) if tuple(inv) != tuple(range(y.ndim)) else y
+
+
+def _conv_matmul_channels_last(x, w, window_strides, rd, out_sp, precision, preferred_element_type):
+    """Channels-last im2col: patches ``[N, *out, K*C]``, output ``patches @ W``."""
+    nsp = x.ndim - 2
+    ksize = w.shape[:nsp]
     cols = []
     for offs in itertools.product(*[range(k) for k in ksize]):
         start = (0, *[o * d for o, d in zip(offs, rd, strict=True)], 0)
@@ -184,20 +238,109 @@ def _conv_matmul_channels_last(
         cols.append(lax.slice(x, start, limit, (1, *window_strides, 1)))
     patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
     kernel = w.reshape(-1, w.shape[-1])
-    y = lax.dot_general(
+    return lax.dot_general(
         patches,
         kernel,
         (((patches.ndim - 1,), (0,)), ((), ())),
         precision=precision,
         preferred_element_type=preferred_element_type,
     )
-    # y is [N, *spatial, O]; place its dims where out_spec says.
-    out_spec = dn.out_spec
-    src = (out_spec[0], *out_spec[2:], out_spec[1])  # output dim of each of y's dims
-    inv = [0] * y.ndim
-    for i, d in enumerate(src):
-        inv[d] = i
-    return jnp.transpose(y, inv) if tuple(inv) != tuple(range(y.ndim)) else y
+
+
+def _band_selector(
+    in_width: int, out_width: int, kernel_width: int, stride: int, dilation: int
+) -> np.ndarray:
+    """``sel[w, v, j] = 1`` where input column ``w`` meets kernel column ``j`` at output column ``v``."""
+    sel = np.zeros((in_width, out_width, kernel_width), np.float32)
+    for v in range(out_width):
+        for j in range(kernel_width):
+            sel[v * stride + j * dilation, v, j] = 1.0
+    return sel
+
+
+def band_tile(
+    out_width: int, kernel_width: int, stride: int = 1, dilation: int = 1, rows_factor: int = 1, cout: int = 1
+) -> int:
+    """Output columns per band tile: the last spatial dim is cut into tiles of this many
+    outputs, each one a slice of the input multiplied by the same (smaller) band.
+
+    Picks the tile with the fewest multiply-adds per output row,
+    ``n_tiles * rows_factor * tile_in * tile * cout`` with ``tile_in`` the input
+    columns a tile reads, among tiles whose band has at least
+    :data:`BANDED_MIN_COLUMNS` columns (``tile * cout``; narrower matmuls run far
+    below the machine's peak) or the whole width if that is narrower.
+    """
+    eff = (kernel_width - 1) * dilation + 1
+    floor = min(BANDED_MIN_COLUMNS, out_width * cout)
+    best = None
+    for t in range(1, out_width + 1):
+        if t * cout < floor:
+            continue
+        n = -(-out_width // t)
+        macs = n * rows_factor * ((t - 1) * stride + eff) * t * cout
+        if best is None or macs < best[0]:
+            best = (macs, t)
+    return best[1]
+
+
+def _conv_matmul_banded(x, w, window_strides, rd, out_sp, precision, preferred_element_type, tile=None):
+    """Banded form: rows ``[N, *out[:-1], tiles, K'*Wt*C]`` (the input unfolded over
+    every spatial dim but the last, whose ``Wt`` columns per tile are sliced out)
+    times the banded matrix ``[K'*Wt*C, tile*O]`` in which the kernel slides along
+    the last spatial dim."""
+    nsp = x.ndim - 2
+    ksize = w.shape[:nsp]
+    n, cin, cout = x.shape[0], x.shape[-1], w.shape[-1]
+    ow, s, d, kw = out_sp[-1], window_strides[-1], rd[-1], ksize[-1]
+    kprod = int(np.prod(ksize[:-1]))
+    if tile is None:
+        tile = band_tile(ow, kw, s, d, kprod * cin, cout)
+    tiles = -(-ow // tile)
+    tile_in = (tile - 1) * s + (kw - 1) * d + 1
+    need = (tiles * tile - 1) * s + (kw - 1) * d + 1
+    if need > x.shape[-2]:  # the last tile runs past the input: zeros, outputs dropped below
+        x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0)] * (nsp) + [(0, need - x.shape[-2], 0), (0, 0, 0)])
+    cols = []
+    for offs in itertools.product(*[range(k) for k in ksize[:-1]]):
+        lead_start = [o * dd for o, dd in zip(offs, rd[:-1], strict=True)]
+        lead_limit = [
+            st + (m - 1) * ss + 1
+            for st, m, ss in zip(lead_start, out_sp[:-1], window_strides[:-1], strict=True)
+        ]
+        parts = []
+        for j in range(tiles):
+            start = (0, *lead_start, j * tile * s, 0)
+            limit = (n, *lead_limit, j * tile * s + tile_in, cin)
+            parts.append(lax.slice(x, start, limit, (1, *window_strides[:-1], 1, 1)))
+        sl = parts[0][..., None, :, :] if tiles == 1 else jnp.stack(parts, axis=-3)
+        cols.append(sl.reshape(*sl.shape[:-2], tile_in * cin))
+    rows = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)  # [N, *out[:-1], tiles, F]
+    sel = _band_selector(tile_in, tile, kw, s, d)
+    wk = w.reshape(-1, kw, cin, cout)  # [K', kw, C, O]
+    # Each band entry is one kernel entry or zero: exact at HIGHEST precision.
+    band = jnp.einsum("ajco,wvj->awcvo", wk, sel.astype(w.dtype), precision=lax.Precision.HIGHEST)
+    band = band.reshape(-1, tile * cout)
+    y = lax.dot_general(
+        rows,
+        band,
+        (((rows.ndim - 1,), (0,)), ((), ())),
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )  # [N, *out[:-1], tiles, tile*O]
+    y = y.reshape(n, *out_sp[:-1], tiles * tile, cout)
+    if tiles * tile != ow:
+        y = y[..., :ow, :]
+    return y
+
+
+def _resolve_layout(layout: str, w_shape, strides, rd, out_sp) -> str:
+    if layout != "auto":
+        return layout
+    nsp = len(w_shape) - 2
+    rows_factor = int(np.prod(w_shape[: nsp - 1])) * w_shape[-2]
+    if banded_pays(out_sp[-1], w_shape[nsp - 1], strides[-1], rd[-1], rows_factor, w_shape[-1]):
+        return "banded"
+    return "channels_last"
 
 
 def conv_general_dilated(
@@ -216,13 +359,15 @@ def conv_general_dilated(
     impl: Impl | None = None,
     layout: Layout | None = None,
 ) -> jax.Array:
-    """Drop-in for ``lax.conv_general_dilated``, as im2col from shifted slices + one matmul.
+    """Drop-in for ``lax.conv_general_dilated``, as strided slices + one matmul.
 
-    The patches are ``prod(kernel_size)`` strided slices of the (padded) input
-    concatenated along the channels; the output is one ``dot_general`` with the
-    reshaped kernel. Under ``jax.vmap`` over per-client kernels this becomes one
-    batched matmul across clients, where XLA would emit a grouped convolution.
-    Gradients are those of slices, a concatenation and a matmul (pads and matmuls).
+    Im2col layouts: the patches are ``prod(kernel_size)`` strided slices of the
+    (padded) input concatenated along the channels, times the reshaped kernel.
+    Banded layout: the input unfolded over all spatial dims but the last, times
+    a banded matrix built from the kernel (see :func:`set_layout`). Either way,
+    under ``jax.vmap`` over per-client kernels this is one batched matmul across
+    clients, where XLA would emit a grouped convolution. Gradients are those of
+    slices, a concatenation and matmuls (pads and matmuls).
 
     Args:
       lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
@@ -230,7 +375,8 @@ def conv_general_dilated(
       preferred_element_type: as in ``lax.conv_general_dilated``.
       impl: ``"auto"``, ``"matmul"`` or ``"xla"``; default :func:`get_impl`.
         Configurations outside :func:`supports_conv` always use XLA.
-      layout: im2col layout of the matmul form; default :func:`get_layout`.
+      layout: ``"auto"``, ``"banded"``, ``"channels_last"`` or ``"channels_first"``
+        (see :func:`set_layout`); default :func:`get_layout`.
 
     Returns:
       The convolution, equal to ``lax.conv_general_dilated`` up to float reassociation.
@@ -266,8 +412,16 @@ def conv_general_dilated(
     layout = get_layout() if layout is None else layout
     if layout not in _LAYOUTS:
         raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
-    conv = _conv_matmul_channels_first if layout == "channels_first" else _conv_matmul_channels_last
-    return conv(lhs, rhs, tuple(window_strides), padding, rhs_dilation, dn, precision, preferred_element_type)
+    strides = tuple(window_strides)
+    if layout == "channels_first":
+        return _conv_matmul_channels_first(
+            lhs, rhs, strides, padding, rhs_dilation, dn, precision, preferred_element_type
+        )
+    x, w, rd, out_sp = _channels_last_padded(lhs, rhs, strides, padding, rhs_dilation, dn)
+    layout = _resolve_layout(layout, w.shape, strides, rd, out_sp)
+    conv = _conv_matmul_banded if layout == "banded" else _conv_matmul_channels_last
+    y = conv(x, w, strides, rd, out_sp, precision, preferred_element_type)
+    return _to_out_spec(y, dn)
 
 
 def supports_pool(
