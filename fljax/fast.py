@@ -24,7 +24,7 @@ returned unchanged, so MLPs are not affected.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -101,16 +101,29 @@ def _rewrite_closed(closed):
     return jax.make_jaxpr(lambda *a: _eval(closed.jaxpr, closed.consts, *a))(*avals)
 
 
-def _eval(jaxpr, consts, *args):
+def _eval(jaxpr, consts, *args, grad_in=None):
+    """Evaluate ``jaxpr`` with the fast forms substituted. ``grad_in[i]``: whether
+    ``jaxpr.invars[i]`` may be differentiated (default: all), followed through the
+    program so that a convolution of data alone can be told apart (a performance
+    hint only, see :func:`fljax.nn.conv_general_dilated`'s ``input_grad``)."""
     env: dict = {}
+    grad_vars: set = set()
 
     def read(v):
         return v.val if isinstance(v, jcore.Literal) else env[v]
 
+    def has_grad(v):
+        return not isinstance(v, jcore.Literal) and v in grad_vars
+
     env.update(zip(jaxpr.constvars, consts, strict=True))
     env.update(zip(jaxpr.invars, args, strict=True))
+    grad_in = [True] * len(jaxpr.invars) if grad_in is None else grad_in
+    grad_vars.update(v for v, g in zip(jaxpr.invars, grad_in, strict=True) if g)
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
+        in_grad = [has_grad(v) for v in eqn.invars]
+        if any(in_grad):
+            grad_vars.update(eqn.outvars)
         name = eqn.primitive.name
         p = eqn.params
         if name == "conv_general_dilated" and _conv_supported(eqn):
@@ -127,6 +140,7 @@ def _eval(jaxpr, consts, *args):
                     p["precision"],
                     p["preferred_element_type"],
                     impl="matmul",
+                    input_grad=in_grad[0],
                 )
             ]
         elif name == "reduce_window_max" and _pool_supported(eqn):
@@ -137,7 +151,7 @@ def _eval(jaxpr, consts, *args):
             and isinstance(p["jaxpr"], jcore.ClosedJaxpr)
             and _has_target(p["jaxpr"].jaxpr)
         ):
-            outvals = _eval(p["jaxpr"].jaxpr, p["jaxpr"].consts, *invals)
+            outvals = _eval(p["jaxpr"].jaxpr, p["jaxpr"].consts, *invals, grad_in=in_grad)
         else:
             if name in _CONTROL:
                 subs = _sub_closed(p)
@@ -164,7 +178,9 @@ def _eval(jaxpr, consts, *args):
     return [read(v) for v in jaxpr.outvars]
 
 
-def accelerate(fn: Callable, *, impl: layers.Impl | None = None) -> Callable:
+def accelerate(
+    fn: Callable, *, impl: layers.Impl | None = None, argnums: int | Sequence[int] | None = 0
+) -> Callable:
     """``fn`` with its convolutions and non-overlapping max-pools in fast form.
 
     Args:
@@ -172,6 +188,12 @@ def accelerate(fn: Callable, *, impl: layers.Impl | None = None) -> Callable:
       impl: ``"auto"`` (rewrite on CPU only), ``"matmul"`` (always rewrite) or
         ``"xla"`` (return ``fn`` unchanged); default :func:`fljax.nn.get_impl`,
         read when the returned function is traced.
+      argnums: the positional arguments that gradients are usually taken with
+        respect to (default ``0``, the params of ``apply(params, x)``; ``None``:
+        all). A performance hint only: a convolution whose input depends on none
+        of them (a first layer on data) needs no input gradient, and the banded
+        form then uses narrower tiles. Gradients with respect to any argument
+        stay exact.
 
     Returns:
       A function with ``fn``'s signature, values and gradients (up to float
@@ -189,6 +211,15 @@ def accelerate(fn: Callable, *, impl: layers.Impl | None = None) -> Callable:
         leaves, in_tree = jax.tree.flatten((args, kwargs))
         dynamic = [i for i, x in enumerate(leaves) if isinstance(x, (jax.Array, np.ndarray, np.generic))]
         flat = [leaves[i] for i in dynamic]
+        if argnums is None:
+            grad_leaf = [True] * len(leaves)
+        else:
+            nums = {argnums} if isinstance(argnums, int) else set(argnums)
+            grad_leaf = []
+            for i, a in enumerate(args):
+                grad_leaf += [i in nums] * len(jax.tree.leaves(a))
+            grad_leaf += [False] * (len(leaves) - len(grad_leaf))  # keyword arguments
+        grad_in = [grad_leaf[i] for i in dynamic]
 
         def flat_fn(*values):
             full = list(leaves)
@@ -200,7 +231,7 @@ def accelerate(fn: Callable, *, impl: layers.Impl | None = None) -> Callable:
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*flat)
         if not _has_target(closed.jaxpr):
             return fn(*args, **kwargs)
-        out = _eval(closed.jaxpr, closed.consts, *flat)
+        out = _eval(closed.jaxpr, closed.consts, *flat, grad_in=grad_in)
         return jax.tree.unflatten(jax.tree.structure(out_shape), out)
 
     return wrapped

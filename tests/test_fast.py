@@ -380,3 +380,21 @@ def test_round_is_the_same_under_every_layout(layout):
         close(round_result(cohort), plain)
     finally:
         fnn.set_layout(old)
+
+
+def test_argnums_hint_tiles_first_layer_and_keeps_every_gradient_exact():
+    # The first convolution sees data only: with argnums=0 (params) it may use the
+    # narrow tiles of a layer without input gradient. Gradients with respect to
+    # params AND inputs must still equal XLA's.
+    m = TinyCNN()
+    x = jax.random.normal(jax.random.key(1), (3, 16, 16, 3))
+    params = zoo.init_params(m, (16, 16, 3), jax.random.key(0))
+    assert fnn.band_tile(14, 3, rows_factor=9, cout=4, input_grad=False) < 14
+    assert fnn.band_tile(14, 3, rows_factor=9, cout=4) == 14
+    loss = lambda apply: lambda p, x: jnp.sum(jnp.sin(apply(p, x)))
+    want = jax.grad(loss(m.apply), argnums=(0, 1))(params, x)
+    hinted = fast.accelerate(m.apply, impl="matmul")
+    unhinted = fast.accelerate(m.apply, impl="matmul", argnums=None)
+    close(jax.grad(loss(hinted), argnums=(0, 1))(params, x), want)
+    close(jax.grad(loss(unhinted), argnums=(0, 1))(params, x), want)
+    assert str(jax.make_jaxpr(hinted)(params, x)) != str(jax.make_jaxpr(unhinted)(params, x))
