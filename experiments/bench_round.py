@@ -12,7 +12,15 @@ cohorts of 10 and 100 clients. Prints one JSON object per measurement:
   trained centrally at batch 3,200 (best JAX formulation measured; every
   formulation tried is printed with ``system: "central"``).
 * ``system: "matmul_peak"``: GFLOP/s of a 2048x2048 float32 matmul, so every
-  number reads as a fraction of the machine's arithmetic limit.
+  number reads as a fraction of the machine's arithmetic limit:
+  ``system: "model_flops"`` gives the CNN's forward + backward FLOPs per
+  example (XLA's cost analysis of the plain model), and every fljax and
+  reference line carries ``fraction_of_peak`` (achieved model GFLOP/s over the
+  matmul peak).
+* ``system: "pytorch_loop"``: the same round as a plain sequential PyTorch loop
+  over clients (``experiments/torch_reference.py``, the founding example's way),
+  measured in the same run when ``torch`` is installed (a CPU build is enough;
+  otherwise a ``skipped`` line); fljax lines then carry ``speedup_vs_pytorch``.
 
 ``sec_per_round`` is the median over the measured rounds after one warm-up
 round; ``compile_sec`` (first call: trace + compile + one round) is separate.
@@ -29,7 +37,9 @@ Hardware: 2 CPU cores (shared); see docs/performance.md for results.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import pathlib
 import platform
 import statistics
 import sys
@@ -46,6 +56,17 @@ from fljax.base import ClientData, Cohort
 from fljax.models import zoo
 
 BENCH = "seed_cifar"
+
+
+def _load_torch_reference():
+    path = pathlib.Path(__file__).with_name("torch_reference.py")
+    spec = importlib.util.spec_from_file_location("torch_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+torch_reference = _load_torch_reference()
 
 # formulation name -> local_sgd keyword arguments (performance settings only)
 FORMULATIONS = {
@@ -117,7 +138,40 @@ def aggregator_for(variant: str, cohort_size: int, num_examples: int):
     raise ValueError(f"unknown variant {variant!r}")
 
 
-def bench_fljax(args, cohort_size: int, cohort: Cohort, model, params, formulation: str, variants) -> dict:
+def fraction_of_peak(args, examples_per_sec: float) -> float:
+    flops, gflops = args.peak
+    return round(examples_per_sec * flops / 1e9 / gflops, 4)
+
+
+def bench_torch(args, cohort: Cohort, cohort_size: int) -> float | None:
+    """Seconds per round of the PyTorch loop on the same data, or None without torch."""
+    if not torch_reference.available() or args.no_torch:
+        emit(
+            system="pytorch_loop",
+            cohort=cohort_size,
+            skipped="torch not installed" if not args.no_torch else "--no-torch",
+        )
+        return None
+    x, y = np.asarray(cohort.data.x), np.asarray(cohort.data.y)
+    sec, times, threads = torch_reference.round_seconds(x, y, args.rounds)
+    num_examples = y.shape[1]
+    emit(
+        system="pytorch_loop",
+        cohort=cohort_size,
+        sec_per_round=round(sec, 4),
+        examples_per_sec=round(cohort_size * num_examples / sec, 1),
+        rounds=len(times),
+        round_times=[round(t, 3) for t in times],
+        threads=threads,
+        torch=torch_reference.torch.__version__,
+        fraction_of_peak=fraction_of_peak(args, cohort_size * num_examples / sec),
+    )
+    return sec
+
+
+def bench_fljax(
+    args, cohort_size: int, cohort: Cohort, model, params, formulation: str, variants, torch_sec=None
+) -> dict:
     num_examples = cohort.data.mask.shape[1]
     plain_sec = plain_cpu = None
     results = {}
@@ -151,11 +205,14 @@ def bench_fljax(args, cohort_size: int, cohort: Cohort, model, params, formulati
             rounds=len(times),
             round_times=[round(t, 3) for t in times],
             cpu_sec_per_round=round(statistics.median(cpu), 4),
+            fraction_of_peak=fraction_of_peak(args, cohort_size * num_examples / sec),
             chunk_size=args.chunk_size,
             unroll=args.unroll,
             devices=jax.device_count() if args.shard else 1,
         )
         cpu_sec = statistics.median(cpu)
+        if torch_sec is not None:
+            fields["speedup_vs_pytorch"] = round(torch_sec / sec, 3)
         if variant == "plain":
             plain_sec, plain_cpu = sec, cpu_sec
         elif plain_sec is not None:
@@ -205,6 +262,16 @@ def central_examples_per_sec(
     return batch * steps / statistics.median(times), compile_sec
 
 
+def model_flops_per_example(model, params, image: int) -> float:
+    """Forward + backward FLOPs of one example through the plain model (XLA's count)."""
+    x = jnp.zeros((1, image, image, 3), jnp.float32)
+    y = jnp.zeros((1,), jnp.int32)
+    grad = jax.jit(jax.grad(lambda p: jnp.mean(losses.softmax_cross_entropy(model.apply(p, x), y))))
+    cost = grad.lower(params).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])
+
+
 def matmul_gflops(n: int) -> float:
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
     f = jax.jit(lambda a: a @ a)
@@ -233,6 +300,7 @@ def main(argv=None) -> int:
     parser.add_argument("--central-batch", type=int, default=3200)
     parser.add_argument("--central-steps", type=int, default=3)
     parser.add_argument("--no-central", action="store_true", help="skip the hw_bound measurement")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch loop reference")
     parser.add_argument(
         "--shard",
         action="store_true",
@@ -262,6 +330,9 @@ def main(argv=None) -> int:
     )
     gflops = matmul_gflops(512 if args.quick else 2048)
     emit(system="matmul_peak", n=512 if args.quick else 2048, gflops=round(gflops, 2))
+    flops = model_flops_per_example(model, params, image)
+    emit(system="model_flops", flops_per_example=round(flops), gflops=round(gflops, 2))
+    args.peak = (flops, gflops)  # for fraction_of_peak
 
     central = None
     if not args.no_central:
@@ -291,6 +362,7 @@ def main(argv=None) -> int:
             cohort = jax.device_put(
                 cohort, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("clients"))
             )
+        torch_sec = None if args.quick else bench_torch(args, cohort, cohort_size)
         for formulation in args.formulations.split(","):
             res = bench_fljax(
                 args,
@@ -300,6 +372,7 @@ def main(argv=None) -> int:
                 params,
                 formulation,
                 variants if formulation == args.formulations.split(",")[0] else ["plain"],
+                torch_sec,
             )
             if central is not None and "plain" in res and formulation == args.formulations.split(",")[0]:
                 sec = cohort_size * num_examples / central[0]

@@ -40,6 +40,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import jax
 import numpy as np
 
 from fljax.base import Cohort
@@ -226,3 +227,27 @@ def naive_padding_fraction(
     """Padding fraction when every client is padded to ``max_size`` examples."""
     real = num_steps(sizes, batch_size, max_steps).sum()
     return float(1.0 - real / (len(sizes) * num_steps(max_size, batch_size, max_steps)))
+
+
+def merge(cohorts: Sequence[Cohort]) -> list[Cohort]:
+    """Concatenate the calls of :func:`split` that share a padded length: one
+    :class:`Cohort` per bucket length, shortest first.
+
+    With ``bucketed_algorithm(..., chunk_size=slots)`` and the same ``slots``
+    given to :func:`split`, every merged bucket divides into chunks, and
+    ``jax.jit(algo.update)(state, merge(cohorts), key)`` is the whole round as
+    ONE jitted computation (a ``lax.map`` over chunks per bucket length). Its
+    shapes depend on how many clients fall in each bucket, so it compiles
+    again when that changes (e.g. every round with random cohorts); use the
+    per-call ``algo.update`` there, which compiles each ``[slots, length]``
+    shape once.
+    """
+    if not cohorts:
+        raise ValueError("no bucket cohorts to merge")
+    groups: dict[int, list[Cohort]] = {}
+    for c in cohorts:
+        groups.setdefault(int(c.data.mask.shape[1]), []).append(c)
+    return [
+        jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *groups[length])
+        for length in sorted(groups)
+    ]

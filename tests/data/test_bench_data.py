@@ -15,7 +15,9 @@ def test_bench_data_quick():
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert [line["cohort"] for line in lines] == [16]
+    # the sampled cohort, then the whole (quick) population as one jitted round
+    assert [line["cohort"] for line in lines] == [16, 300]
+    assert lines[-1]["mode"] == "one_jit" and lines[-1]["client_updates_per_sec"] > 0
     for line in lines:
         assert line["bench"] == "many_small"
         for field in ("padding_fraction", "naive_padding_fraction", "client_updates_per_sec", "peak_rss_mb"):

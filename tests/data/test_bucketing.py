@@ -53,6 +53,17 @@ def test_bucketed_round_equals_padded_round():
         _check(state, metrics, ref_state, ref_metrics)
     assert bucketing.padding_fraction(cohorts, BATCH) < bucketing.padding_fraction([data.cohort(ids)], BATCH)
 
+    # The same round as ONE jitted computation: calls merged per bucket length.
+    merged = bucketing.merge(cohorts)
+    assert [c.data.mask.shape[1] for c in merged] == sorted({c.data.mask.shape[1] for c in cohorts})
+    assert sum(c.client_ids.shape[0] for c in merged) == sum(c.client_ids.shape[0] for c in cohorts)
+    for agg in (None, aggregators.weighted_mean()):
+        bucketed = simulation.bucketed_algorithm(update, optax.sgd(1.0), aggregator=agg, chunk_size=4)
+        state, metrics = jax.jit(bucketed.update)(bucketed.init(params), merged, key)
+        _check(state, metrics, ref_state, ref_metrics)
+    with pytest.raises(ValueError, match="no bucket"):
+        bucketing.merge([])
+
 
 def _check(state, metrics, ref_state, ref_metrics):
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params), strict=True):
