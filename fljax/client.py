@@ -134,7 +134,7 @@ def local_sgd(
       unroll: performance setting: ``lax.scan`` unrolling of the local steps
         (same result up to float reassociation).
       accelerate: performance setting: run the model through
-        :func:`fljax.fast.accelerate` (convolutions as im2col + matmul and
+        :func:`fljax.fast.accelerate` (convolutions as banded or im2col matmuls and
         non-overlapping max-pools as maxima on CPU; a no-op for models without
         them and on GPU/TPU unless ``fljax.nn.set_impl("matmul")``). Same values
         and gradients up to float reassociation. Ignored when ``gradient`` is given.
