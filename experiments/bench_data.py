@@ -61,6 +61,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def emit(**fields) -> None:
+    """One JSON line: ``fields`` plus the fields every many_small line carries."""
+    line = {"bench": "many_small", "system": "fljax", **fields}
+    line.update(peak_rss_mb=round(peak_rss_mb(), 1), device=jax.devices()[0].platform, jax=jax.__version__)
+    print(json.dumps(line), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="seconds-long smoke run")
@@ -136,24 +143,18 @@ def main():
             )
         measured = times
         sec = float(np.median(measured))
-        line = {
-            "bench": "many_small",
-            "system": "fljax",
-            "cohort": cohort_size,
-            "padding_fraction": round(float(np.mean(fractions)), 4),
-            "naive_padding_fraction": round(float(np.mean(naive)), 4),
-            "client_updates_per_sec": round(cohort_size / sec, 2),
-            "sec_per_round": round(sec, 3),
-            "compile_sec": round(compile_sec, 3),
-            "rounds": len(measured),
-            "num_buckets": len(plan.lengths),
-            "slots": slots,
-            "train_loss": round(float(metrics["client_train_loss"]), 4),
-            "peak_rss_mb": round(peak_rss_mb(), 1),
-            "device": jax.devices()[0].platform,
-            "jax": jax.__version__,
-        }
-        print(json.dumps(line), flush=True)
+        emit(
+            cohort=cohort_size,
+            padding_fraction=round(float(np.mean(fractions)), 4),
+            naive_padding_fraction=round(float(np.mean(naive)), 4),
+            client_updates_per_sec=round(cohort_size / sec, 2),
+            sec_per_round=round(sec, 3),
+            compile_sec=round(compile_sec, 3),
+            rounds=len(measured),
+            num_buckets=len(plan.lengths),
+            slots=slots,
+            train_loss=round(float(metrics["client_train_loss"]), 4),
+        )
 
     # The whole population in ONE jitted round: same cohort every round, so one compile.
     slots = 4 if args.quick else args.one_jit_chunk
@@ -174,28 +175,22 @@ def main():
         jax.block_until_ready(state.params)
         times.append(time.perf_counter() - t0)
     sec = float(np.median(times))
-    line = {
-        "bench": "many_small",
-        "system": "fljax",
-        "mode": "one_jit",
-        "cohort": num_clients,
-        "padding_fraction": round(bucketing.padding_fraction(merged, batch), 4),
-        "naive_padding_fraction": round(
+    emit(
+        mode="one_jit",
+        cohort=num_clients,
+        padding_fraction=round(bucketing.padding_fraction(merged, batch), 4),
+        naive_padding_fraction=round(
             bucketing.naive_padding_fraction(data.sizes, batch, int(data.sizes.max())), 4
         ),
-        "client_updates_per_sec": round(num_clients / sec, 2),
-        "examples_per_sec": round(float(data.sizes.sum()) / sec, 1),
-        "sec_per_round": round(sec, 3),
-        "compile_sec": round(compile_sec, 3),
-        "rounds": len(times),
-        "num_buckets": len(merged),
-        "slots": slots,
-        "train_loss": round(float(metrics["client_train_loss"]), 4),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "device": jax.devices()[0].platform,
-        "jax": jax.__version__,
-    }
-    print(json.dumps(line), flush=True)
+        client_updates_per_sec=round(num_clients / sec, 2),
+        examples_per_sec=round(float(data.sizes.sum()) / sec, 1),
+        sec_per_round=round(sec, 3),
+        compile_sec=round(compile_sec, 3),
+        rounds=len(times),
+        num_buckets=len(merged),
+        slots=slots,
+        train_loss=round(float(metrics["client_train_loss"]), 4),
+    )
 
 
 if __name__ == "__main__":
