@@ -27,7 +27,7 @@ round; ``compile_sec`` (first call: trace + compile + one round) is separate.
 
 Command::
 
-    .venv/bin/python experiments/bench_round.py            # cohorts 10 and 100, chunks of 5 clients
+    .venv/bin/python experiments/bench_round.py            # cohorts 10 and 100, chunk_size "auto"
     .venv/bin/python experiments/bench_round.py --quick    # seconds-long smoke run
     .venv/bin/python experiments/bench_round.py --cohorts 10 --formulations fast,xla,fast_bf16
 
@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fljax import client, fast, losses
+from fljax import client, fast, losses, simulation
 from fljax.algorithms import fedavg
 from fljax.base import ClientData, Cohort
 from fljax.models import zoo
@@ -210,6 +210,15 @@ def bench_fljax(
             cpu_sec_per_round=round(statistics.median(cpu), 4),
             fraction_of_peak=fraction_of_peak(args, cohort_size * num_examples / sec),
             chunk_size=args.chunk_size,
+            chunk_used=(
+                simulation.auto_chunk_size(
+                    lambda d, k, update=update: update(params, d, k),
+                    cohort.data,
+                    jax.random.split(jax.random.key(0), cohort_size),
+                )
+                if args.chunk_size == "auto"
+                else args.chunk_size
+            ),
             unroll=args.unroll,
             devices=jax.device_count() if args.shard else 1,
         )
@@ -300,9 +309,8 @@ def main(argv=None) -> int:
     parser.add_argument("--formulations", default="fast", help=f"comma list of {sorted(FORMULATIONS)}")
     parser.add_argument(
         "--chunk-size",
-        type=int,
-        default=5,
-        help="clients per vmapped chunk (0: no chunks); 2-5 is fastest on CPU",
+        default="auto",
+        help="clients per vmapped chunk: 'auto' (fljax's default), an int, or 0 for none",
     )
     parser.add_argument("--unroll", type=int, default=1, help="lax.scan unroll of the local steps")
     parser.add_argument("--central-batch", type=int, default=3200)
@@ -316,7 +324,11 @@ def main(argv=None) -> int:
         "XLA_FLAGS=--xla_force_host_platform_device_count=<cores> to get one device per core)",
     )
     args = parser.parse_args(argv)
-    args.chunk_size = args.chunk_size or None
+    args.chunk_size = (
+        None
+        if args.chunk_size in ("0", "none")
+        else ("auto" if args.chunk_size == "auto" else int(args.chunk_size))
+    )
 
     image, num_examples = 32, 500
     cohorts = [int(c) for c in args.cohorts.split(",")]

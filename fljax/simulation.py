@@ -14,11 +14,13 @@ applies the combined delta as a pseudo-gradient. Algorithms in
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.extend import core as jcore
 
 from fljax import aggregators as aggregators_lib
 from fljax import random as fl_random
@@ -34,10 +36,67 @@ from fljax.base import (
 )
 from fljax.data import bucketing
 
+CHUNK_BYTES = 256 * 2**20
+"""Per-step working set that ``chunk_size="auto"`` aims for (all chunk clients together)."""
 
-def map_clients(
-    fn: Callable, *args, chunk_size: int | None = None
-) -> jax.Array:
+ChunkSize = int | Literal["auto"] | None
+
+
+def step_bytes(fn: Callable, *args) -> int:
+    """Bytes of the values one call of ``fn(*args)`` creates per loop iteration.
+
+    Traces ``fn`` (nothing runs) and sums the sizes of the values made inside
+    its largest ``lax.scan``/``while`` body (for a client update: one local
+    step), or of all its values when it has no loop. An upper bound on what
+    one client keeps live at once, used by :func:`auto_chunk_size`.
+    """
+    closed = jax.make_jaxpr(fn)(*args)
+
+    def walk(jaxpr) -> tuple[int, int]:
+        once, per_iter = 0, 0
+        for eqn in jaxpr.eqns:
+            for v in eqn.params.values():
+                for sub in v if isinstance(v, tuple) else (v,):
+                    sub = sub.jaxpr if isinstance(sub, jcore.ClosedJaxpr) else sub
+                    if not isinstance(sub, jcore.Jaxpr):
+                        continue
+                    o, it = walk(sub)
+                    if eqn.primitive.name in ("scan", "while"):
+                        per_iter = max(per_iter, o + it)
+                    else:
+                        once, per_iter = once + o, max(per_iter, it)
+            for v in eqn.outvars:
+                aval = v.aval
+                if hasattr(aval, "shape") and hasattr(aval, "dtype"):
+                    once += int(np.prod(aval.shape)) * getattr(aval.dtype, "itemsize", 8)
+        return once, per_iter
+
+    once, per_iter = walk(closed.jaxpr)
+    return per_iter or once
+
+
+def auto_chunk_size(fn: Callable, *args) -> int | None:
+    """The ``chunk_size`` that ``"auto"`` picks for :func:`map_clients`.
+
+    On GPU/TPU: ``None`` (vmap everything; large batches are what they are
+    for). On CPU: the largest divisor of the cohort size whose clients'
+    per-step working set (:func:`step_bytes` of one client) fits in
+    :data:`CHUNK_BYTES`; ``None`` when the whole cohort fits. Measured on the
+    project's 2-core CPU: LeNet (~60 MB per client step) -> 4 at cohort 100,
+    4.9 s per round against 6.8 s for one vmap of all 100 clients.
+    """
+    leaves = jax.tree.leaves(args)
+    n = leaves[0].shape[0]
+    if jax.default_backend() != "cpu":
+        return None
+    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), args)
+    cap = max(1, CHUNK_BYTES // max(step_bytes(fn, *one), 1))
+    if cap >= n:
+        return None
+    return max(d for d in range(1, cap + 1) if n % d == 0)
+
+
+def map_clients(fn: Callable, *args, chunk_size: ChunkSize = None) -> jax.Array:
     """Apply a one-client function to every client of the cohort.
 
     Args:
@@ -45,7 +104,10 @@ def map_clients(
       *args: pytrees whose leaves all have the same leading ``[clients]`` axis.
       chunk_size: ``None`` vmaps all clients at once; an integer runs
         ``lax.map`` over chunks of that many vmapped clients (the cohort size
-        must be a multiple of it), trading speed for peak memory.
+        must be a multiple of it), bounding peak memory and, on CPU, keeping
+        each step's working set in cache; ``"auto"`` picks it with
+        :func:`auto_chunk_size`. A performance setting: results are the same
+        up to float reassociation.
 
     Returns:
       ``fn``'s outputs stacked along a leading ``[clients]`` axis.
@@ -56,7 +118,13 @@ def map_clients(
     n = leaves[0].shape[0]
     for leaf in leaves:
         if leaf.shape[:1] != (n,):
-            raise ValueError(f"every argument needs the same leading clients axis {n}, got shape {leaf.shape}")
+            raise ValueError(
+                f"every argument needs the same leading clients axis {n}, got shape {leaf.shape}"
+            )
+    if chunk_size == "auto":
+        chunk_size = auto_chunk_size(fn, *args)
+    elif isinstance(chunk_size, str):
+        raise ValueError(f"chunk_size must be an int, None or 'auto', got {chunk_size!r}")
     vfn = jax.vmap(fn)
     if chunk_size is None or chunk_size >= n:
         return vfn(*args)
@@ -73,7 +141,7 @@ def run_clients(
     cohort: Cohort,
     key: jax.Array,
     *,
-    chunk_size: int | None = None,
+    chunk_size: ChunkSize = "auto",
 ) -> ClientOutput:
     """Run ``client_update`` for every slot of ``cohort`` from the same ``params``.
 
@@ -115,7 +183,9 @@ def server_update(
     ``delta_norm``.
     """
     agg_key = fl_random.stream(key, "aggregate")
-    agg_state, delta, agg_metrics = aggregator.aggregate(state.aggregator_state, out.delta, out.weight, agg_key)
+    agg_state, delta, agg_metrics = aggregator.aggregate(
+        state.aggregator_state, out.delta, out.weight, agg_key
+    )
     updates, opt_state = server_optimizer.update(delta, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     present = out.weight > 0
@@ -132,7 +202,7 @@ def averaging_algorithm(
     server_optimizer: optax.GradientTransformation,
     *,
     aggregator: Aggregator | None = None,
-    chunk_size: int | None = None,
+    chunk_size: ChunkSize = "auto",
 ) -> FederatedAlgorithm:
     """The generalised FedAvg round (Reddi et al. 2021, Algorithm 1).
 
@@ -269,7 +339,9 @@ def bucketed_algorithm(
         metrics.update(num_nonfinite=bad, total_weight=wsum, num_clients=count)
         return server_step(state, delta, state.aggregator_state, metrics)
 
-    finish_outputs = jax.jit(lambda state, out, key: server_update(state, out, key, aggregator, server_optimizer))
+    finish_outputs = jax.jit(
+        lambda state, out, key: server_update(state, out, key, aggregator, server_optimizer)
+    )
 
     def update(state: ServerState, cohorts: Sequence[Cohort], key: jax.Array) -> tuple[ServerState, dict]:
         if not cohorts:

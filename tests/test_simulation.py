@@ -41,6 +41,34 @@ def test_chunked_equals_unchunked():
     np.testing.assert_array_equal(np.asarray(full.weight), np.asarray(chunked.weight))
 
 
+def test_auto_chunk_size_follows_the_per_client_working_set(monkeypatch):
+    params = helpers.params()
+    _, cohort = _cohort([5, 9, 3, 12, 7, 1])
+    update = helpers.local_sgd()
+    key = jax.random.key(1)
+    keys = jax.random.split(key, 6)
+    fn = lambda d, k: update(params, d, k)
+    per_client = simulation.step_bytes(
+        fn, *jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), (cohort.data, keys))
+    )
+    assert per_client > 0
+    # A small model fits whole: no chunks (plain vmap).
+    assert simulation.auto_chunk_size(fn, cohort.data, keys) is None
+    # Room for 4 clients' steps: the largest divisor of 6 that fits is 3 ...
+    monkeypatch.setattr(simulation, "CHUNK_BYTES", 4 * per_client)
+    assert simulation.auto_chunk_size(fn, cohort.data, keys) == 3
+    # ... for 1: one client at a time.
+    monkeypatch.setattr(simulation, "CHUNK_BYTES", per_client)
+    assert simulation.auto_chunk_size(fn, cohort.data, keys) == 1
+    # "auto" is a performance setting: the same outputs as one vmap.
+    monkeypatch.setattr(simulation, "CHUNK_BYTES", 4 * per_client)
+    full = simulation.run_clients(update, params, cohort, key, chunk_size=None)
+    auto = simulation.run_clients(update, params, cohort, key)  # default "auto"
+    helpers.assert_trees_close(full.delta, auto.delta)
+    with pytest.raises(ValueError, match="chunk_size"):
+        simulation.run_clients(update, params, cohort, key, chunk_size="half")
+
+
 def test_chunk_size_must_divide_cohort():
     params = helpers.params()
     _, cohort = _cohort([5, 9, 3])

@@ -18,7 +18,7 @@ def fedavg(
     *,
     server_learning_rate: float = 1.0,
     aggregator: Aggregator | None = None,
-    chunk_size: int | None = None,
+    chunk_size: simulation.ChunkSize = "auto",
 ) -> FederatedAlgorithm:
     """Federated Averaging.
 
@@ -30,7 +30,8 @@ def fedavg(
       client_update: e.g. ``client.local_sgd(model, optax.sgd(0.01), batch_size=32)``.
       server_learning_rate: server step size on the averaged delta.
       aggregator: default example-weighted mean; DP / secure aggregation wrap it.
-      chunk_size: clients per vmapped chunk (memory); ``None`` = whole cohort.
+      chunk_size: clients per vmapped chunk: ``"auto"`` (default, see
+        :func:`fljax.simulation.auto_chunk_size`), an int, or ``None`` (whole cohort).
 
     Returns:
       ``FederatedAlgorithm(init, update)``.

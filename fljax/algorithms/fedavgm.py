@@ -19,7 +19,7 @@ def fedavgm(
     server_learning_rate: float = 1.0,
     server_momentum: float = 0.9,
     aggregator: Aggregator | None = None,
-    chunk_size: int | None = None,
+    chunk_size: simulation.ChunkSize = "auto",
 ) -> FederatedAlgorithm:
     """FedAvg whose server applies the averaged delta with heavy-ball momentum."""
     return simulation.averaging_algorithm(

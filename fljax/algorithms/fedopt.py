@@ -18,7 +18,7 @@ def fedopt(
     server_optimizer: optax.GradientTransformation,
     *,
     aggregator: Aggregator | None = None,
-    chunk_size: int | None = None,
+    chunk_size: simulation.ChunkSize = "auto",
 ) -> FederatedAlgorithm:
     """FedOpt with any optax server optimizer (Algorithm 1 of Reddi et al.)."""
     return simulation.averaging_algorithm(
@@ -34,7 +34,7 @@ def fedadam(
     b2: float = 0.99,
     tau: float = 1e-3,
     aggregator: Aggregator | None = None,
-    chunk_size: int | None = None,
+    chunk_size: simulation.ChunkSize = "auto",
 ) -> FederatedAlgorithm:
     """FedAdam: Adam on the server with adaptivity ``tau`` (paper's epsilon)."""
     opt = optax.adam(server_learning_rate, b1=b1, b2=b2, eps=tau)
@@ -49,7 +49,7 @@ def fedyogi(
     b2: float = 0.99,
     tau: float = 1e-3,
     aggregator: Aggregator | None = None,
-    chunk_size: int | None = None,
+    chunk_size: simulation.ChunkSize = "auto",
 ) -> FederatedAlgorithm:
     """FedYogi: Yogi on the server (Zaheer et al. 2018) with adaptivity ``tau``."""
     opt = optax.yogi(server_learning_rate, b1=b1, b2=b2, eps=tau)
@@ -62,7 +62,7 @@ def fedadagrad(
     server_learning_rate: float,
     tau: float = 1e-3,
     aggregator: Aggregator | None = None,
-    chunk_size: int | None = None,
+    chunk_size: simulation.ChunkSize = "auto",
 ) -> FederatedAlgorithm:
     """FedAdagrad: Adagrad on the server with adaptivity ``tau``.
 

@@ -23,7 +23,7 @@ def fedprox(
     loss_fn: losses.LossFn = losses.softmax_cross_entropy,
     server_learning_rate: float = 1.0,
     aggregator: Aggregator | None = None,
-    chunk_size: int | None = None,
+    chunk_size: simulation.ChunkSize = "auto",
 ) -> FederatedAlgorithm:
     """FedProx: each client minimises ``loss + mu/2 ||w - w_server||^2``. ``mu=0`` is FedAvg."""
     if mu < 0:

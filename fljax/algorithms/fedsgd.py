@@ -19,7 +19,7 @@ def fedsgd(
     learning_rate: float,
     loss_fn: losses.LossFn = losses.softmax_cross_entropy,
     aggregator: Aggregator | None = None,
-    chunk_size: int | None = None,
+    chunk_size: simulation.ChunkSize = "auto",
 ) -> FederatedAlgorithm:
     """FedSGD: clients send the gradient of their mean loss; the server takes an SGD step.
 
