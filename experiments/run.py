@@ -155,7 +155,7 @@ def build_aggregator(config: dict, dp_config: privacy.DPConfig | None = None):
 def build_algorithm(config: dict, model, dp_config: privacy.DPConfig | None = None):
     c, s = config["client"], config["server"]
     agg = build_aggregator(config, dp_config)
-    chunk = config.get("chunk_size")
+    chunk = config.get("chunk_size", "auto")
     name = s.get("algorithm", "fedavg")
     if name == "fedsgd":
         return fedsgd.fedsgd(model, learning_rate=s["learning_rate"], aggregator=agg, chunk_size=chunk)
