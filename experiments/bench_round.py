@@ -193,7 +193,9 @@ def bench_fljax(
             unroll=args.unroll,
             **FORMULATIONS[formulation],
         )
-        algo = fedavg.fedavg(update, aggregator=aggregator, chunk_size=args.chunk_size)
+        mesh = args.mesh if args.mesh is not None and cohort_size % jax.device_count() == 0 else None
+        algo = fedavg.fedavg(update, aggregator=aggregator, chunk_size=args.chunk_size, mesh=mesh)
+        per_device = cohort_size // (jax.device_count() if mesh is not None else 1)
         step = jax.jit(algo.update)
         compile_sec, times, cpu = time_rounds(step, algo.init(params), cohort, args.rounds)
         sec = statistics.median(times)
@@ -213,14 +215,14 @@ def bench_fljax(
             chunk_used=(
                 simulation.auto_chunk_size(
                     lambda d, k, update=update: update(params, d, k),
-                    cohort.data,
-                    jax.random.split(jax.random.key(0), cohort_size),
+                    jax.tree.map(lambda a, m=per_device: a[:m], cohort.data),
+                    jax.random.split(jax.random.key(0), per_device),
                 )
                 if args.chunk_size == "auto"
                 else args.chunk_size
             ),
             unroll=args.unroll,
-            devices=jax.device_count() if args.shard else 1,
+            devices=jax.device_count() if mesh is not None else 1,
         )
         cpu_sec = statistics.median(cpu)
         if torch_sec is not None:
@@ -320,10 +322,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--shard",
         action="store_true",
-        help="place the cohort's clients axis across all devices (CPU: set "
+        help="spread the clients over all devices (fedavg(mesh=...), shard_map; CPU: set "
         "XLA_FLAGS=--xla_force_host_platform_device_count=<cores> to get one device per core)",
     )
     args = parser.parse_args(argv)
+    args.mesh = simulation.client_mesh() if args.shard and jax.device_count() > 1 else None
     args.chunk_size = (
         None
         if args.chunk_size in ("0", "none")
@@ -378,10 +381,9 @@ def main(argv=None) -> int:
 
     for cohort_size in cohorts:
         cohort = make_cohort(cohort_size, num_examples, image)
-        if args.shard and jax.device_count() > 1 and cohort_size % jax.device_count() == 0:
-            mesh = jax.sharding.Mesh(np.array(jax.devices()), ("clients",))
+        if args.mesh is not None and cohort_size % jax.device_count() == 0:
             cohort = jax.device_put(
-                cohort, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("clients"))
+                cohort, jax.sharding.NamedSharding(args.mesh, jax.sharding.PartitionSpec("clients"))
             )
         torch_sec = None if args.quick else bench_torch(args, cohort, cohort_size)
         for formulation in args.formulations.split(","):

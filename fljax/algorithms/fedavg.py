@@ -19,6 +19,7 @@ def fedavg(
     server_learning_rate: float = 1.0,
     aggregator: Aggregator | None = None,
     chunk_size: simulation.ChunkSize = "auto",
+    mesh: simulation.Mesh | None = None,
 ) -> FederatedAlgorithm:
     """Federated Averaging.
 
@@ -32,6 +33,8 @@ def fedavg(
       aggregator: default example-weighted mean; DP / secure aggregation wrap it.
       chunk_size: clients per vmapped chunk: ``"auto"`` (default, see
         :func:`fljax.simulation.auto_chunk_size`), an int, or ``None`` (whole cohort).
+      mesh: spread the clients over this mesh's devices
+        (:func:`fljax.simulation.shard_clients`); ``None``: one device.
 
     Returns:
       ``FederatedAlgorithm(init, update)``.
@@ -42,5 +45,9 @@ def fedavg(
       >>> state, metrics = jax.jit(algo.update)(state, cohort, key)
     """
     return simulation.averaging_algorithm(
-        client_update, optax.sgd(server_learning_rate), aggregator=aggregator, chunk_size=chunk_size
+        client_update,
+        optax.sgd(server_learning_rate),
+        aggregator=aggregator,
+        chunk_size=chunk_size,
+        mesh=mesh,
     )

@@ -20,6 +20,7 @@ def fedavgm(
     server_momentum: float = 0.9,
     aggregator: Aggregator | None = None,
     chunk_size: simulation.ChunkSize = "auto",
+    mesh: simulation.Mesh | None = None,
 ) -> FederatedAlgorithm:
     """FedAvg whose server applies the averaged delta with heavy-ball momentum."""
     return simulation.averaging_algorithm(
@@ -27,4 +28,5 @@ def fedavgm(
         optax.sgd(server_learning_rate, momentum=server_momentum),
         aggregator=aggregator,
         chunk_size=chunk_size,
+        mesh=mesh,
     )

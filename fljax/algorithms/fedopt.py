@@ -19,10 +19,11 @@ def fedopt(
     *,
     aggregator: Aggregator | None = None,
     chunk_size: simulation.ChunkSize = "auto",
+    mesh: simulation.Mesh | None = None,
 ) -> FederatedAlgorithm:
     """FedOpt with any optax server optimizer (Algorithm 1 of Reddi et al.)."""
     return simulation.averaging_algorithm(
-        client_update, server_optimizer, aggregator=aggregator, chunk_size=chunk_size
+        client_update, server_optimizer, aggregator=aggregator, chunk_size=chunk_size, mesh=mesh
     )
 
 
@@ -35,10 +36,11 @@ def fedadam(
     tau: float = 1e-3,
     aggregator: Aggregator | None = None,
     chunk_size: simulation.ChunkSize = "auto",
+    mesh: simulation.Mesh | None = None,
 ) -> FederatedAlgorithm:
     """FedAdam: Adam on the server with adaptivity ``tau`` (paper's epsilon)."""
     opt = optax.adam(server_learning_rate, b1=b1, b2=b2, eps=tau)
-    return fedopt(client_update, opt, aggregator=aggregator, chunk_size=chunk_size)
+    return fedopt(client_update, opt, aggregator=aggregator, chunk_size=chunk_size, mesh=mesh)
 
 
 def fedyogi(
@@ -50,10 +52,11 @@ def fedyogi(
     tau: float = 1e-3,
     aggregator: Aggregator | None = None,
     chunk_size: simulation.ChunkSize = "auto",
+    mesh: simulation.Mesh | None = None,
 ) -> FederatedAlgorithm:
     """FedYogi: Yogi on the server (Zaheer et al. 2018) with adaptivity ``tau``."""
     opt = optax.yogi(server_learning_rate, b1=b1, b2=b2, eps=tau)
-    return fedopt(client_update, opt, aggregator=aggregator, chunk_size=chunk_size)
+    return fedopt(client_update, opt, aggregator=aggregator, chunk_size=chunk_size, mesh=mesh)
 
 
 def fedadagrad(
@@ -63,6 +66,7 @@ def fedadagrad(
     tau: float = 1e-3,
     aggregator: Aggregator | None = None,
     chunk_size: simulation.ChunkSize = "auto",
+    mesh: simulation.Mesh | None = None,
 ) -> FederatedAlgorithm:
     """FedAdagrad: Adagrad on the server with adaptivity ``tau``.
 
@@ -70,4 +74,4 @@ def fedadagrad(
     the paper's ``v_{-1} >= tau^2`` corresponds to setting it to ``tau**2``.
     """
     opt = optax.adagrad(server_learning_rate, initial_accumulator_value=tau**2, eps=tau)
-    return fedopt(client_update, opt, aggregator=aggregator, chunk_size=chunk_size)
+    return fedopt(client_update, opt, aggregator=aggregator, chunk_size=chunk_size, mesh=mesh)

@@ -24,6 +24,7 @@ def fedprox(
     server_learning_rate: float = 1.0,
     aggregator: Aggregator | None = None,
     chunk_size: simulation.ChunkSize = "auto",
+    mesh: simulation.Mesh | None = None,
 ) -> FederatedAlgorithm:
     """FedProx: each client minimises ``loss + mu/2 ||w - w_server||^2``. ``mu=0`` is FedAvg."""
     if mu < 0:
@@ -32,5 +33,5 @@ def fedprox(
         model, optimizer, batch_size=batch_size, num_epochs=num_epochs, loss_fn=loss_fn, proximal_mu=mu
     )
     return simulation.averaging_algorithm(
-        update, optax.sgd(server_learning_rate), aggregator=aggregator, chunk_size=chunk_size
+        update, optax.sgd(server_learning_rate), aggregator=aggregator, chunk_size=chunk_size, mesh=mesh
     )

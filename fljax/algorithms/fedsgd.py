@@ -20,6 +20,7 @@ def fedsgd(
     loss_fn: losses.LossFn = losses.softmax_cross_entropy,
     aggregator: Aggregator | None = None,
     chunk_size: simulation.ChunkSize = "auto",
+    mesh: simulation.Mesh | None = None,
 ) -> FederatedAlgorithm:
     """FedSGD: clients send the gradient of their mean loss; the server takes an SGD step.
 
@@ -31,4 +32,5 @@ def fedsgd(
         optax.sgd(learning_rate),
         aggregator=aggregator,
         chunk_size=chunk_size,
+        mesh=mesh,
     )
