@@ -84,6 +84,12 @@ def _sub_closed(params) -> list[tuple[str, int | None, Any]]:
     return found
 
 
+def sub_jaxprs(params) -> list:
+    """The jaxprs nested in an equation's ``params`` (bodies of ``jit``, ``scan``,
+    ``cond``, ``while``, ...)."""
+    return [c.jaxpr for _, _, c in _sub_closed(params)]
+
+
 def _has_target(jaxpr) -> bool:
     for eqn in jaxpr.eqns:
         if _is_target(eqn):

@@ -38,7 +38,9 @@ class FederatedData:
     def __post_init__(self):
         offsets = np.asarray(self.offsets)
         if offsets.ndim != 1 or offsets.shape[0] < 2:
-            raise ValueError(f"offsets must be [num_clients + 1] with at least one client, got {offsets.shape}")
+            raise ValueError(
+                f"offsets must be [num_clients + 1] with at least one client, got {offsets.shape}"
+            )
         if offsets[0] != 0 or np.any(np.diff(offsets) < 0):
             raise ValueError("offsets must start at 0 and be non-decreasing")
         if len(self.x) != len(self.y):
@@ -46,9 +48,7 @@ class FederatedData:
         if offsets[-1] != len(self.y):
             raise ValueError(f"offsets end at {offsets[-1]} but there are {len(self.y)} examples")
         if self.client_names is not None and len(self.client_names) != offsets.shape[0] - 1:
-            raise ValueError(
-                f"{len(self.client_names)} client names for {offsets.shape[0] - 1} clients"
-            )
+            raise ValueError(f"{len(self.client_names)} client names for {offsets.shape[0] - 1} clients")
         if np.issubdtype(np.asarray(self.x).dtype, np.floating) and not np.all(np.isfinite(self.x)):
             bad = np.argwhere(~np.isfinite(np.asarray(self.x).reshape(len(self.x), -1)))[0, 0]
             raise ValueError(f"x contains NaN or inf (first at example {bad})")
@@ -122,7 +122,10 @@ class FederatedData:
         """A new population made of the listed clients, in that order."""
         names = None if self.client_names is None else [self.client_names[c] for c in clients]
         return FederatedData.from_clients(
-            [self.client(c) for c in clients], client_names=names, num_classes=self.num_classes, allow_empty=True
+            [self.client(c) for c in clients],
+            client_names=names,
+            num_classes=self.num_classes,
+            allow_empty=True,
         )
 
     def pooled(self) -> tuple[np.ndarray, np.ndarray]:

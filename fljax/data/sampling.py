@@ -30,7 +30,7 @@ def poisson_max_cohort(num_clients: int, q: float, tail: float = 1e-9) -> int:
     mean = num_clients * q
     # P[X >= mean + t] <= exp(-t^2 / (2 (mean + t/3))): solve for t.
     log_term = math.log(1.0 / tail)
-    t = (log_term / 3 + math.sqrt((log_term / 3) ** 2 + 2 * mean * log_term))
+    t = log_term / 3 + math.sqrt((log_term / 3) ** 2 + 2 * mean * log_term)
     return int(min(num_clients, math.ceil(mean + t)))
 
 

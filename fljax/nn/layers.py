@@ -73,7 +73,16 @@ def banded_pays(
     stay under :data:`BANDED_MAX_ELEMENTS` and :data:`BANDED_MAX_WIDTH_RATIO`.
     """
     tile = band_tile(out_width, kernel_width, stride, dilation, rows_factor, cout, input_grad=input_grad)
-    tile_in = (tile - 1) * stride + (kernel_width - 1) * dilation + 1
+    return _band_pays(tile, kernel_width, stride, dilation, rows_factor, cout)
+
+
+def _tile_in(tile: int, kernel_width: int, stride: int, dilation: int) -> int:
+    """Input columns that ``tile`` consecutive outputs read."""
+    return (tile - 1) * stride + (kernel_width - 1) * dilation + 1
+
+
+def _band_pays(tile: int, kernel_width: int, stride: int, dilation: int, rows_factor: int, cout: int) -> bool:
+    tile_in = _tile_in(tile, kernel_width, stride, dilation)
     return (
         tile_in / kernel_width <= BANDED_MAX_WIDTH_RATIO
         and rows_factor * tile_in * tile * cout <= BANDED_MAX_ELEMENTS
@@ -143,37 +152,19 @@ def supports_conv(
     return True
 
 
-def _conv_matmul_channels_first(
-    lhs, rhs, window_strides, padding, rhs_dilation, dn, precision, preferred_element_type
-):
+def _conv_matmul_channels_first(x, w, window_strides, rd, out_sp, precision, preferred_element_type):
     """Channels-first im2col: patches ``[K*C, N, *out]``, output ``W^T @ patches``.
 
     With the patch and channel axis leading, the matmul's long axis is the
     pixels (``N * prod(out)``). For LeNet's convolutions alone it took 20-40%
     less CPU time than the channels-last form, but the transposes back to the
     model's channels-last layout cost more than that in the whole training step
-    (see docs/performance.md), so it is not the default.
+    (see docs/performance.md), so it is never chosen by ``"auto"``.
     """
-    nsp = lhs.ndim - 2
-    # [C, N, *spatial] and [*spatial, I, O].
-    lhs_perm = (dn.lhs_spec[1], dn.lhs_spec[0], *dn.lhs_spec[2:])
-    rhs_perm = (*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0])
-    x = jnp.transpose(lhs, lhs_perm) if lhs_perm != tuple(range(lhs.ndim)) else lhs
-    w = jnp.transpose(rhs, rhs_perm) if rhs_perm != tuple(range(rhs.ndim)) else rhs
-    ksize = w.shape[:nsp]
-    rd = tuple(rhs_dilation) if rhs_dilation is not None else (1,) * nsp
-    eff = tuple((k - 1) * d + 1 for k, d in zip(ksize, rd, strict=True))
-    if isinstance(padding, str):
-        pads = lax.padtype_to_pads(x.shape[2:], eff, window_strides, padding)
-    else:
-        pads = [tuple(p) for p in padding]
-    if any(lo or hi for lo, hi in pads):
-        x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (0, 0, 0), *[(lo, hi, 0) for lo, hi in pads]])
-    out_sp = tuple((x.shape[2 + i] - eff[i]) // window_strides[i] + 1 for i in range(nsp))
-    if any(o <= 0 for o in out_sp):
-        raise ValueError(f"convolution output would be empty: input {lhs.shape}, kernel {rhs.shape}")
+    nsp = x.ndim - 2
+    x = jnp.moveaxis(x, -1, 0)  # [C, N, *spatial]
     cols = []
-    for offs in itertools.product(*[range(k) for k in ksize]):
+    for offs in itertools.product(*[range(k) for k in w.shape[:nsp]]):
         start = (0, 0, *[o * d for o, d in zip(offs, rd, strict=True)])
         limit = (
             *x.shape[:2],
@@ -189,13 +180,7 @@ def _conv_matmul_channels_first(
         precision=precision,
         preferred_element_type=preferred_element_type,
     )  # [O, N, *out]
-    # Place y's dims where out_spec says.
-    out_spec = dn.out_spec
-    src = (out_spec[1], out_spec[0], *out_spec[2:])  # output dim of each of y's dims
-    inv = [0] * y.ndim
-    for i, d in enumerate(src):
-        inv[d] = i
-    return jnp.transpose(y, inv) if tuple(inv) != tuple(range(y.ndim)) else y
+    return jnp.moveaxis(y, 0, -1)  # [N, *out, O]
 
 
 def _channels_last_padded(lhs, rhs, window_strides, padding, rhs_dilation, dn):
@@ -289,7 +274,6 @@ def band_tile(
     input gradient would be a sum of overlapping pads. Measured on LeNet (CPU):
     the first convolution in tiles of 4 outputs, the second untiled.
     """
-    eff = (kernel_width - 1) * dilation + 1
     floor = BANDED_MIN_COLUMNS if input_grad else BANDED_MIN_COLUMNS_NO_INPUT_GRAD
     floor = min(floor, out_width * cout)
     best = None
@@ -297,15 +281,13 @@ def band_tile(
         if t * cout < floor:
             continue
         n = -(-out_width // t)
-        macs = n * rows_factor * ((t - 1) * stride + eff) * t * cout
+        macs = n * rows_factor * _tile_in(t, kernel_width, stride, dilation) * t * cout
         if best is None or macs < best[0]:
             best = (macs, t)
     return best[1]
 
 
-def _conv_matmul_banded(
-    x, w, window_strides, rd, out_sp, precision, preferred_element_type, input_grad=True, tile=None
-):
+def _conv_matmul_banded(x, w, window_strides, rd, out_sp, tile, precision, preferred_element_type):
     """Banded form: rows ``[N, *out[:-1], tiles, K'*Wt*C]`` (the input unfolded over
     every spatial dim but the last, whose ``Wt`` columns per tile are sliced out)
     times the banded matrix ``[K'*Wt*C, tile*O]`` in which the kernel slides along
@@ -314,12 +296,9 @@ def _conv_matmul_banded(
     ksize = w.shape[:nsp]
     n, cin, cout = x.shape[0], x.shape[-1], w.shape[-1]
     ow, s, d, kw = out_sp[-1], window_strides[-1], rd[-1], ksize[-1]
-    kprod = int(np.prod(ksize[:-1]))
-    if tile is None:
-        tile = band_tile(ow, kw, s, d, kprod * cin, cout, input_grad=input_grad)
     tiles = -(-ow // tile)
-    tile_in = (tile - 1) * s + (kw - 1) * d + 1
-    need = (tiles * tile - 1) * s + (kw - 1) * d + 1
+    tile_in = _tile_in(tile, kw, s, d)
+    need = _tile_in(tiles * tile, kw, s, d)
     if need > x.shape[-2]:  # the last tile runs past the input: zeros, outputs dropped below
         x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0)] * (nsp) + [(0, need - x.shape[-2], 0), (0, 0, 0)])
     cols = []
@@ -353,18 +332,6 @@ def _conv_matmul_banded(
     if tiles * tile != ow:
         y = y[..., :ow, :]
     return y
-
-
-def _resolve_layout(layout: str, w_shape, strides, rd, out_sp, input_grad: bool = True) -> str:
-    if layout != "auto":
-        return layout
-    nsp = len(w_shape) - 2
-    rows_factor = int(np.prod(w_shape[: nsp - 1])) * w_shape[-2]
-    if banded_pays(
-        out_sp[-1], w_shape[nsp - 1], strides[-1], rd[-1], rows_factor, w_shape[-1], input_grad=input_grad
-    ):
-        return "banded"
-    return "channels_last"
 
 
 def conv_general_dilated(
@@ -442,16 +409,19 @@ def conv_general_dilated(
     if layout not in _LAYOUTS:
         raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
     strides = tuple(window_strides)
-    if layout == "channels_first":
-        return _conv_matmul_channels_first(
-            lhs, rhs, strides, padding, rhs_dilation, dn, precision, preferred_element_type
-        )
     x, w, rd, out_sp = _channels_last_padded(lhs, rhs, strides, padding, rhs_dilation, dn)
-    layout = _resolve_layout(layout, w.shape, strides, rd, out_sp, input_grad)
-    if layout == "banded":
-        y = _conv_matmul_banded(x, w, strides, rd, out_sp, precision, preferred_element_type, input_grad)
-    else:
-        y = _conv_matmul_channels_last(x, w, strides, rd, out_sp, precision, preferred_element_type)
+    if layout == "channels_first":
+        y = _conv_matmul_channels_first(x, w, strides, rd, out_sp, precision, preferred_element_type)
+        return _to_out_spec(y, dn)
+    if layout in ("auto", "banded"):
+        nsp = w.ndim - 2
+        kw, cin, cout = w.shape[nsp - 1], w.shape[-2], w.shape[-1]
+        rows_factor = int(np.prod(w.shape[: nsp - 1])) * cin
+        tile = band_tile(out_sp[-1], kw, strides[-1], rd[-1], rows_factor, cout, input_grad=input_grad)
+        if layout == "banded" or _band_pays(tile, kw, strides[-1], rd[-1], rows_factor, cout):
+            y = _conv_matmul_banded(x, w, strides, rd, out_sp, tile, precision, preferred_element_type)
+            return _to_out_spec(y, dn)
+    y = _conv_matmul_channels_last(x, w, strides, rd, out_sp, precision, preferred_element_type)
     return _to_out_spec(y, dn)
 
 

@@ -100,7 +100,9 @@ def make_accountant(config: PrivacyConfig, kind: AccountantKind = "rdp") -> dp_a
                 "dp_accounting's PLD accountant does not support fixed-size sampling without "
                 "replacement; use accountant='rdp' or sampling='poisson'"
             )
-        return pld.PLDAccountant(neighboring_relation=relation, value_discretization_interval=PLD_DISCRETIZATION)
+        return pld.PLDAccountant(
+            neighboring_relation=relation, value_discretization_interval=PLD_DISCRETIZATION
+        )
     raise ValueError(f"accountant must be 'rdp' or 'pld', got {kind!r}")
 
 

@@ -169,7 +169,10 @@ def dp_aggregator(config: DPConfig) -> Aggregator:
             clipped = valid & (norms > c)
         else:
             leaves, treedef = jax.tree.flatten(deltas)
-            sums = [tree.weighted_sum(x, jnp.where(valid, b * f, 0.0)) for x, f in zip(leaves, factors, strict=True)]
+            sums = [
+                tree.weighted_sum(x, jnp.where(valid, b * f, 0.0))
+                for x, f in zip(leaves, factors, strict=True)
+            ]
             total = jax.tree.unflatten(treedef, sums)
             any_clipped = jnp.zeros(norms.shape, bool)
             for f in factors:
@@ -191,10 +194,12 @@ def dp_aggregator(config: DPConfig) -> Aggregator:
             if noisy:
                 count = count + jnp.float32(count_std) * jax.random.normal(noise_keys[1], (), jnp.float32)
             unclipped = count / jnp.float32(config.cohort_size) + 0.5
-            new_c = c * jnp.exp(-jnp.float32(config.clip_learning_rate) * (unclipped - config.target_quantile))
+            new_c = c * jnp.exp(
+                -jnp.float32(config.clip_learning_rate) * (unclipped - config.target_quantile)
+            )
             new_state = DPAggregatorState(clip_norm=new_c.astype(jnp.float32))
             metrics["dp_unclipped_fraction"] = unclipped
-        delta = jax.tree.map(lambda s: (s / jnp.asarray(denom, s.dtype)), total)
+        delta = jax.tree.map(lambda s: s / jnp.asarray(denom, s.dtype), total)
         metrics.update(
             num_nonfinite=num_nonfinite,
             num_clipped=jnp.sum(clipped).astype(jnp.int32),
@@ -210,7 +215,9 @@ def dp_aggregator(config: DPConfig) -> Aggregator:
     return Aggregator(init, aggregate)
 
 
-def sample_cohort(config: DPConfig, key: jax.Array, *, max_cohort: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def sample_cohort(
+    config: DPConfig, key: jax.Array, *, max_cohort: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Sample a round's cohort the way ``config`` is accounted (host side).
 
     Poisson: each of ``population_size`` clients joins with probability

@@ -160,7 +160,9 @@ class DPConfig:
     @property
     def denominator(self) -> float:
         """The fixed divisor of the noised sum (expected cohort weight)."""
-        return float(self.expected_cohort_weight if self.expected_cohort_weight is not None else self.cohort_size)
+        return float(
+            self.expected_cohort_weight if self.expected_cohort_weight is not None else self.cohort_size
+        )
 
     @property
     def noise_cohort_scale(self) -> float:
@@ -282,7 +284,9 @@ class DPSGDConfig:
         if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
             raise ValueError(f"noise_multiplier must be finite and >= 0, got {self.noise_multiplier}")
         if not 0 < self.batch_size <= self.num_examples:
-            raise ValueError(f"batch_size must be in [1, num_examples={self.num_examples}], got {self.batch_size}")
+            raise ValueError(
+                f"batch_size must be in [1, num_examples={self.num_examples}], got {self.batch_size}"
+            )
         if self.num_epochs <= 0:
             raise ValueError(f"num_epochs must be positive, got {self.num_epochs}")
         if self.delta is not None and not 0 < self.delta < 1:

@@ -79,10 +79,14 @@ def dp_sgd_gradient(
 
     def gradient(params, x, y, mask, key):
         if mask.shape != (batch_size,):
-            raise ValueError(f"DP-SGD was configured for batch_size={batch_size}, got a batch mask {mask.shape}")
+            raise ValueError(
+                f"DP-SGD was configured for batch_size={batch_size}, got a batch mask {mask.shape}"
+            )
         example_losses, grads = per_example(params, x, y)
         norms = tree.global_norm(grads)
-        factors = jnp.minimum(1.0, jnp.float32(l2_norm_clip) / jnp.maximum(norms, jnp.finfo(jnp.float32).tiny))
+        factors = jnp.minimum(
+            1.0, jnp.float32(l2_norm_clip) / jnp.maximum(norms, jnp.finfo(jnp.float32).tiny)
+        )
         finite = jnp.isfinite(norms)
         coef = jnp.where(mask & finite, factors, 0.0)
         total = tree.weighted_sum(grads, coef)

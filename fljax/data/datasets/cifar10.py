@@ -43,9 +43,7 @@ def decode_archive(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 raise ValueError(f"{member.name}: expected a 32x32 RGB image, got {img.shape}")
             out[f"x_{split}"].append(img)
             out[f"y_{split}"].append(CLASSES.index(cls))
-    return {
-        k: (np.stack(v) if k.startswith("x") else np.asarray(v, np.int32)) for k, v in out.items()
-    }
+    return {k: (np.stack(v) if k.startswith("x") else np.asarray(v, np.int32)) for k, v in out.items()}
 
 
 def _from_tfds(data_dir) -> dict[str, np.ndarray]:
@@ -53,7 +51,9 @@ def _from_tfds(data_dir) -> dict[str, np.ndarray]:
 
     out = {}
     for split in ("train", "test"):
-        x, y = tfds.as_numpy(tfds.load("cifar10", split=split, batch_size=-1, as_supervised=True, data_dir=data_dir))
+        x, y = tfds.as_numpy(
+            tfds.load("cifar10", split=split, batch_size=-1, as_supervised=True, data_dir=data_dir)
+        )
         out[f"x_{split}"], out[f"y_{split}"] = np.asarray(x, np.uint8), np.asarray(y, np.int32)
     return out
 
@@ -98,7 +98,9 @@ def load_raw(
         data["source"] = np.asarray("tfds:cifar10")
         return data
     archive = folder / ARCHIVE
-    cache = pathlib.Path(cache_dir or os.environ.get("FLJAX_CACHE_DIR", pathlib.Path.home() / ".cache" / "fljax"))
+    cache = pathlib.Path(
+        cache_dir or os.environ.get("FLJAX_CACHE_DIR", pathlib.Path.home() / ".cache" / "fljax")
+    )
     stat = archive.stat()
     cached = cache / f"cifar10_jpeg_{stat.st_size}_{int(stat.st_mtime)}.npz"
     if cached.exists():
