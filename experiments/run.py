@@ -81,7 +81,7 @@ def build_data(cfg: dict, key: jax.Array) -> dict:
         x_train, y_train = cifar10.normalize(raw["x_train"]), raw["y_train"]
         x_test, y_test = cifar10.normalize(raw["x_test"]), raw["y_test"]
         if cfg.get("max_train_examples"):
-            keep = np.random.default_rng(0).permutation(len(y_train))[: cfg["max_train_examples"]]
+            keep = fl_random.host_rng(key, 1).permutation(len(y_train))[: cfg["max_train_examples"]]
             x_train, y_train = x_train[keep], y_train[keep]
         part = cfg.get("partition", "iid")
         n = cfg["num_clients"]
@@ -244,7 +244,8 @@ def train(config: dict, train_data: FederatedData, model, *, eval_fn=None, out_d
             ids, mask = privacy.sample_cohort(dp_config, sample_key)
         else:
             ids, mask = sample_cohort(config.get("cohort", {}), sample_key, train_data.num_clients)
-        cohort = train_data.cohort(ids, client_mask=mask, num_examples=num_examples)
+        cohort = train_data.cohort(ids, client_mask=mask, num_examples=num_examples,
+                                   key=fl_random.stream(run_key, "data"))
         state, m = update(state, cohort, rkey)
         record = {"round": r + 1, **{k: float(v) for k, v in jax.device_get(m).items()}}
         if ledger is not None:
@@ -297,7 +298,7 @@ def run_info() -> dict:
 
 def run_once(config: dict, out: pathlib.Path, *, resume=False, progress=True, verbose=True) -> dict:
     """One federated run (and its baselines) for one seed; writes metrics and checkpoints to ``out``."""
-    data_key = fl_random.stream(fl_random.run_key(config["data"].get("seed", config["seed"])), "sample")
+    data_key = fl_random.stream(fl_random.run_key(config["data"].get("seed", config["seed"])), "data")
     data = build_data(config["data"], data_key)
     train_data, test_data, central = data["train"], data["test"], data["central_test"]
     model = build_model(config["model"], data["num_classes"])

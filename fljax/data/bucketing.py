@@ -189,6 +189,7 @@ def split(
     *,
     slots: int = 16,
     max_steps: int | None = None,
+    key=None,
 ) -> list[Cohort]:
     """Gather a cohort as a list of ``[slots, length]`` :class:`Cohort` (host numpy), longest last.
 
@@ -199,13 +200,15 @@ def split(
       p: the :class:`Plan`.
       slots: clients per call (see :func:`assign`).
       max_steps: the local step cap (also caps the padded length).
+      key: typed key for subsampling clients longer than the cap (see
+        :meth:`FederatedData.cohort`), e.g. ``fljax.random.stream(run_key, "data")``.
     """
     ids = np.asarray(client_ids, np.int64)
     if client_mask is not None:
         ids = np.where(np.asarray(client_mask, bool), ids, -1)
     sizes = np.where(ids >= 0, data.sizes[np.maximum(ids, 0)], 0)
     return [
-        data.cohort(call, num_examples=length)
+        data.cohort(call, num_examples=length, key=key)
         for length, call in assign(sizes, ids, p, slots=slots, max_steps=max_steps)
     ]
 

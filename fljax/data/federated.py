@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from fljax import random as fl_random
 from fljax.base import ClientData, Cohort
 
 
@@ -138,6 +139,7 @@ class FederatedData:
         *,
         num_examples: int | None = None,
         client_mask: np.ndarray | None = None,
+        key: jax.Array | None = None,
     ) -> Cohort:
         """Gather clients into a padded :class:`~fljax.base.Cohort` (host numpy).
 
@@ -146,9 +148,13 @@ class FederatedData:
           num_examples: examples per client after padding (static shape). Default:
             the population's largest client, so every round has the same shape.
             A client with more examples keeps a uniformly random subset of
-            ``num_examples`` (drawn from the client id, so it is the same every round;
-            see :func:`fljax.client.local_sgd`'s ``max_steps`` for the per-epoch cap).
+            ``num_examples`` drawn from ``key`` and its id (pass the run-level
+            ``fljax.random.stream(run_key, "data")`` to keep the same subset every
+            round; see :func:`fljax.client.local_sgd`'s ``max_steps`` for the
+            per-epoch cap).
           client_mask: optional ``[cohort]`` bool, ANDed with ``client_ids >= 0``.
+          key: typed key for that subsampling; required only when some client is
+            larger than ``num_examples``.
 
         Returns:
           A :class:`Cohort` of numpy arrays (``jax.device_put`` it, or let jit do it).
@@ -172,7 +178,13 @@ class FederatedData:
             s, size = self.offsets[cid], sizes[cid]
             rows = np.arange(s, s + size)
             if size > n:
-                rows = np.sort(np.random.default_rng(int(cid)).choice(rows, n, replace=False))
+                if key is None:
+                    raise ValueError(
+                        f"client {cid} has {size} examples > num_examples={n}: pass key= (e.g. "
+                        "fljax.random.stream(run_key, 'data')) to draw its subset from the run's seed"
+                    )
+                rng = fl_random.host_rng(key, int(cid))
+                rows = np.sort(rng.choice(rows, n, replace=False))
             k = len(rows)
             x[slot, :k] = self.x[rows]
             y[slot, :k] = self.y[rows]

@@ -2,6 +2,7 @@ import jax
 import numpy as np
 import pytest
 
+from fljax import random
 from fljax.data import FederatedData, sampling
 from tests import helpers
 
@@ -23,12 +24,20 @@ def test_cohort_default_pads_to_largest_client():
     assert pop.cohort([0]).data.mask.shape == (1, 7)
 
 
-def test_oversized_client_keeps_a_fixed_subset():
+def test_oversized_client_subset_follows_the_key_not_the_id_alone():
     pop = helpers.population([10])
-    a = pop.cohort([0], num_examples=4)
-    b = pop.cohort([0], num_examples=4)
+    key = random.stream(random.run_key(0), "data")
+    a = pop.cohort([0], num_examples=4, key=key)
+    b = pop.cohort([0], num_examples=4, key=key)
     assert a.data.mask.sum() == 4
     np.testing.assert_array_equal(a.data.x, b.data.x)
+    subsets = {
+        tuple(np.asarray(pop.cohort([0], num_examples=4, key=random.stream(random.run_key(s), "data")).data.x).ravel())
+        for s in range(6)
+    }
+    assert len(subsets) > 1  # other seeds draw other subsets
+    with pytest.raises(ValueError, match="pass key="):
+        pop.cohort([0], num_examples=4)
 
 
 def test_errors_name_the_problem():
