@@ -31,6 +31,7 @@ import optax
 from fljax import aggregators, checkpoint, client, evaluation, models, privacy, secagg
 from fljax import random as fl_random
 from fljax.algorithms import fedavg, fedavgm, fedopt, fedprox, fedsgd
+from fljax.base import Performance
 from fljax.data import FederatedData, partition, sampling
 from fljax.data.datasets import cifar10, heart_disease
 
@@ -134,12 +135,13 @@ def build_dp(config: dict, num_clients: int) -> privacy.DPConfig | None:
 
 
 def build_aggregator(config: dict, dp_config: privacy.DPConfig | None = None):
+    """The round's aggregator. With both ``dp`` and ``secagg``, DP runs over the secure sum (its
+    weights are in [0, 1]: keep the secagg ``max_weight`` at 1, the default, for exact weights)."""
+    secure = secagg.secure_sum(secagg.SecAggConfig(**config["secagg"])) if config.get("secagg") else None
     if dp_config is not None:
-        if config.get("secagg"):
-            raise ValueError("dp and secagg together are not supported by this runner yet; choose one")
-        return privacy.dp_aggregator(dp_config)
-    if config.get("secagg"):
-        return secagg.secure_aggregator(secagg.SecAggConfig(**config["secagg"]))
+        return privacy.dp(dp_config, sum=secure)  # over the secure sum when secagg is configured
+    if secure is not None:
+        return aggregators.mean(secure)
     name = config.get("aggregator", "weighted_mean")
     if name == "weighted_mean":
         return aggregators.weighted_mean()
@@ -155,29 +157,30 @@ def build_aggregator(config: dict, dp_config: privacy.DPConfig | None = None):
 def build_algorithm(config: dict, model, dp_config: privacy.DPConfig | None = None):
     c, s = config["client"], config["server"]
     agg = build_aggregator(config, dp_config)
-    chunk = config.get("chunk_size", "auto")
+    perf = Performance(chunk_size=config.get("chunk_size", "auto"))
     name = s.get("algorithm", "fedavg")
+    lr = s.get("learning_rate", 1.0)
     if name == "fedsgd":
-        return fedsgd.fedsgd(model, learning_rate=s["learning_rate"], aggregator=agg, chunk_size=chunk)
+        update = fedsgd.gradient_client(model, weighting=c.get("weighting", "num_examples"))
+        return fedsgd.fedsgd(update, learning_rate=s["learning_rate"], aggregator=agg).with_performance(perf)
+    options = dict(batch_size=c["batch_size"], num_epochs=c["num_epochs"],
+                   weighting=c.get("weighting", "num_examples"), max_steps=c.get("max_steps"))
     opt = build_optimizer(c)
     if name == "fedprox":
-        return fedprox.fedprox(model, opt, mu=s["mu"], batch_size=c["batch_size"], num_epochs=c["num_epochs"],
-                               server_learning_rate=s.get("learning_rate", 1.0), aggregator=agg, chunk_size=chunk)
-    update = client.local_sgd(model, opt, batch_size=c["batch_size"], num_epochs=c["num_epochs"],
-                              weighting=c.get("weighting", "num_examples"), max_steps=c.get("max_steps"))
-    lr = s.get("learning_rate", 1.0)
-    if name == "fedavg":
-        return fedavg.fedavg(update, server_learning_rate=lr, aggregator=agg, chunk_size=chunk)
-    if name == "fedavgm":
-        return fedavgm.fedavgm(update, server_learning_rate=lr, server_momentum=s.get("momentum", 0.9),
-                               aggregator=agg, chunk_size=chunk)
-    if name in ("fedadam", "fedyogi"):
-        fn = fedopt.fedadam if name == "fedadam" else fedopt.fedyogi
-        return fn(update, server_learning_rate=lr, tau=s.get("tau", 1e-3), aggregator=agg, chunk_size=chunk)
-    if name == "fedadagrad":
-        return fedopt.fedadagrad(update, server_learning_rate=lr, tau=s.get("tau", 1e-3), aggregator=agg,
-                                 chunk_size=chunk)
-    raise ValueError(f"unknown algorithm {name!r}")
+        update = fedprox.proximal_client(model, opt, mu=s["mu"], **options)
+        algo = fedprox.fedprox(update, server_learning_rate=lr, aggregator=agg)
+    elif name == "fedavg":
+        algo = fedavg.fedavg(client.local_sgd(model, opt, **options), server_learning_rate=lr, aggregator=agg)
+    elif name == "fedavgm":
+        algo = fedavgm.fedavgm(client.local_sgd(model, opt, **options), server_learning_rate=lr,
+                               server_momentum=s.get("momentum", 0.9), aggregator=agg)
+    elif name in ("fedadam", "fedyogi", "fedadagrad"):
+        fn = {"fedadam": fedopt.fedadam, "fedyogi": fedopt.fedyogi, "fedadagrad": fedopt.fedadagrad}[name]
+        algo = fn(client.local_sgd(model, opt, **options), server_learning_rate=lr, tau=s.get("tau", 1e-3),
+                  aggregator=agg)
+    else:
+        raise ValueError(f"unknown algorithm {name!r}")
+    return algo.with_performance(perf)
 
 
 def sample_cohort(cfg: dict, key: jax.Array, num_clients: int):

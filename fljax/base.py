@@ -13,8 +13,9 @@ Conventions (see STYLE.md):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import jax
 
@@ -52,11 +53,15 @@ class Cohort(NamedTuple):
         randomness does not depend on its slot in the cohort.
       client_mask: ``[clients]`` bool; ``False`` marks a padding slot, whose
         weight is forced to 0.
+      client_states: the cohort's client states, leaves ``[clients, ...]``,
+        gathered on the host (:class:`fljax.data.ClientStates`); ``()`` for
+        stateless client updates.
     """
 
     data: ClientData
     client_ids: jax.Array
     client_mask: jax.Array
+    client_states: PyTree = ()
 
 
 class ClientOutput(NamedTuple):
@@ -76,6 +81,66 @@ class ClientOutput(NamedTuple):
 
 ClientUpdate = Callable[[Params, ClientData, jax.Array], ClientOutput]
 """``client_update(server_params, client_data, key) -> ClientOutput``, one client."""
+
+
+class StatefulClientUpdate(NamedTuple):
+    """A client update with state that lives with the client across rounds.
+
+    ``init(params) -> client_state``: one client's initial state from a params
+    template (shapes and dtypes; no client axis). ``update(server_params,
+    client_state, client_data, key) -> (client_state, ClientOutput)``, written
+    for ONE client. ``server_params`` is whatever the algorithm broadcasts (the
+    model, or e.g. SCAFFOLD's ``(model, control)``). The round gathers the
+    cohort's states, maps ``update`` over the cohort and returns the new states;
+    padding slots keep theirs. A stateless update is a plain :data:`ClientUpdate`.
+    """
+
+    init: Callable[[Params], PyTree]
+    update: Callable[[Params, PyTree, ClientData, jax.Array], tuple[PyTree, ClientOutput]]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Performance:
+    """Performance settings of a round, given ONCE (``algo.with_performance(perf)``).
+
+    None of them changes a result beyond float reassociation (tested); they
+    trade memory, compile time and speed. Frozen and hashable.
+
+    Attributes:
+      chunk_size: clients per vmapped chunk (``lax.map`` over chunks): ``"auto"``
+        sizes chunks from one client's per-step working set on CPU and vmaps
+        the whole cohort on GPU/TPU (:func:`fljax.simulation.auto_chunk_size`);
+        an int; or ``None`` (one vmap of the whole cohort).
+      mesh: spread the clients over this mesh's devices
+        (:func:`fljax.simulation.shard_clients`); ``None``: one device.
+      unroll: ``lax.scan`` unrolling of the local steps.
+      compute_dtype: ``None`` computes in the params' dtype; e.g. ``jnp.bfloat16``
+        for mixed precision (params, optimizer state and deltas stay float32).
+      accelerate: run the model through :func:`fljax.fast.accelerate` (conv and
+        max-pool as matmuls and maxima; a no-op for models without them).
+      conv_impl: ``"auto"`` (matmul form on CPU, XLA's on GPU/TPU), ``"matmul"``
+        or ``"xla"``.
+      conv_layout: the matmul form's layout (``"auto"``, ``"banded"``,
+        ``"channels_last"``, ``"channels_first"``).
+    """
+
+    chunk_size: int | Literal["auto"] | None = "auto"
+    mesh: Any = None
+    unroll: int | bool = 1
+    compute_dtype: Any = None
+    accelerate: bool = True
+    conv_impl: Literal["auto", "matmul", "xla"] = "auto"
+    conv_layout: Literal["auto", "banded", "channels_last", "channels_first"] = "auto"
+
+    def __post_init__(self):
+        c = self.chunk_size
+        if not (c is None or c == "auto" or (isinstance(c, int) and not isinstance(c, bool) and c > 0)):
+            raise ValueError(f"chunk_size must be a positive int, None or 'auto', got {c!r}")
+        if self.conv_impl not in ("auto", "matmul", "xla"):
+            raise ValueError(f"conv_impl must be 'auto', 'matmul' or 'xla', got {self.conv_impl!r}")
+        layouts = ("auto", "banded", "channels_last", "channels_first")
+        if self.conv_layout not in layouts:
+            raise ValueError(f"conv_layout must be one of {layouts}, got {self.conv_layout!r}")
 
 
 class Aggregator(NamedTuple):
@@ -110,12 +175,17 @@ class ServerState(NamedTuple):
       opt_state: the server optimizer's (optax) state.
       aggregator_state: the aggregator's state.
       round: int32 scalar, rounds completed so far.
+      client_states: the last cohort's client states after its round (leaves
+        ``[clients, ...]``, padding slots unchanged), for the host to scatter
+        back into the population (:meth:`fljax.data.ClientStates.scatter`);
+        ``()`` for stateless client updates.
     """
 
     params: Params
     opt_state: PyTree
     aggregator_state: PyTree
     round: jax.Array
+    client_states: PyTree = ()
 
 
 class FederatedAlgorithm(NamedTuple):
@@ -123,11 +193,18 @@ class FederatedAlgorithm(NamedTuple):
 
     ``init(params) -> state`` and ``update(state, cohort, key) -> (state, metrics)``;
     ``update`` is pure and jittable (one jitted computation per round over the
-    whole cohort) and returns metrics rather than logging them.
+    whole cohort) and returns metrics rather than logging them. ``cohort`` is a
+    :class:`Cohort`, or a tuple of them (size buckets for heavy-tailed
+    populations, :mod:`fljax.data.bucketing`) where the algorithm supports it.
+
+    ``with_performance(perf) -> FederatedAlgorithm``: the same algorithm with
+    other :class:`Performance` settings (same results up to float
+    reassociation); ``None`` for algorithms that have none.
     """
 
     init: Callable[[Params], PyTree]
     update: Callable[[PyTree, Cohort, jax.Array], tuple[PyTree, Metrics]]
+    with_performance: Callable[[Performance], FederatedAlgorithm] | None = None
 
 
 class ApplyFn(Protocol):

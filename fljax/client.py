@@ -5,7 +5,10 @@ simulation vmaps it over the cohort. A client update has the signature
 
     client_update(server_params, client_data, key) -> ClientOutput(delta, weight, metrics)
 
-with ``delta = server_params - local_params``.
+with ``delta = server_params - local_params``; a stateful one is a
+:class:`~fljax.base.StatefulClientUpdate`. Builders here return
+:class:`Configurable` updates: the round gives them its
+:class:`~fljax.base.Performance` settings once, so paper files never repeat them.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from fljax import fast, losses
-from fljax.base import ApplyFn, ClientData, ClientOutput, ClientUpdate, Params
+from fljax.base import ApplyFn, ClientData, ClientOutput, ClientUpdate, Params, Performance
 
 # gradient(params, x[batch, ...], y[batch], mask[batch], key) -> (grad, loss)
 GradientFn = Callable[[Params, jax.Array, jax.Array, jax.Array, jax.Array], tuple[Params, jax.Array]]
@@ -96,6 +99,114 @@ def masked_mean_gradient(
     return gradient
 
 
+class Configurable:
+    """A client update built from :class:`~fljax.base.Performance` settings.
+
+    Calls like the function ``build(performance)`` returns; ``with_performance``
+    rebuilds it with other settings (the round calls it, see
+    :func:`fljax.simulation.apply_performance`).
+    """
+
+    def __init__(self, build: Callable[[Performance], Callable], performance: Performance | None = None):
+        self.performance = performance if performance is not None else Performance()
+        self._build = build
+        self._fn = build(self.performance)
+
+    def __call__(self, *args):
+        return self._fn(*args)
+
+    def with_performance(self, performance: Performance) -> Configurable:
+        return Configurable(self._build, performance)
+
+
+def fast_apply(model, performance: Performance) -> ApplyFn:
+    """``apply(params, x)`` of ``model`` under the performance settings (fast path, compute dtype)."""
+    apply_fn = as_apply(model)
+    if performance.accelerate:
+        apply_fn = fast.accelerate(apply_fn, impl=performance.conv_impl, layout=performance.conv_layout)
+    if performance.compute_dtype is not None:
+        apply_fn = fast.with_compute_dtype(apply_fn, performance.compute_dtype)
+    return apply_fn
+
+
+def _weight(num_examples: jax.Array, weighting: str) -> jax.Array:
+    return num_examples if weighting == "num_examples" else (num_examples > 0).astype(jnp.float32)
+
+
+def _check_options(batch_size: int, num_epochs: int, weighting: str, max_steps: int | None) -> None:
+    if batch_size <= 0 or num_epochs <= 0:
+        raise ValueError(f"batch_size and num_epochs must be positive, got {batch_size}, {num_epochs}")
+    if weighting not in ("num_examples", "uniform"):
+        raise ValueError(f"weighting must be 'num_examples' or 'uniform', got {weighting!r}")
+    if max_steps is not None and max_steps <= 0:
+        raise ValueError(f"max_steps must be positive or None, got {max_steps}")
+
+
+def train_locally(
+    grad_fn: GradientFn,
+    optimizer: optax.GradientTransformation,
+    params: Params,
+    data: ClientData,
+    key: jax.Array,
+    *,
+    batch_size: int,
+    num_epochs: int,
+    max_steps: int | None = None,
+    unroll: int | bool = 1,
+    correct: Callable[[Params, Params], Params] | None = None,
+) -> tuple[Params, jax.Array, jax.Array]:
+    """Minibatch optimisation of ONE client's ``params`` on its ``data``.
+
+    Each epoch reshuffles the examples with its own key; the optimizer starts
+    from a fresh state. A minibatch made only of padding leaves parameters AND
+    optimizer state untouched. ``correct(grad, params) -> grad`` adjusts each
+    minibatch gradient (FedProx's proximal term, SCAFFOLD's control variates).
+
+    Returns:
+      ``(params, mean_loss, num_steps)``: the local model, the mean minibatch
+      loss over real steps and the number of real steps taken (float32).
+    """
+    if data.mask.ndim != 1:
+        raise ValueError(
+            f"client_update works on ONE client: mask must be [num_examples], got shape {data.mask.shape}"
+        )
+
+    # Keys are derived with fold_in from scanned indices rather than scanned as
+    # split key arrays: same independence, and it keeps jax's key-reuse checker
+    # exact under vmap.
+    def epoch(carry, epoch_index):
+        epoch_key = jax.random.fold_in(key, epoch_index)
+        shuffle_key, step_key = jax.random.split(epoch_key)
+        batches = make_batches(data, batch_size, shuffle_key)
+        if max_steps is not None:
+            batches = jax.tree.map(lambda a: a[:max_steps], batches)
+        step_indices = jnp.arange(batches.mask.shape[0], dtype=jnp.uint32)
+
+        def step(carry, inputs):
+            params, opt_state, loss_sum, step_count = carry
+            x, y, mask, step_index = inputs
+            grad, loss = grad_fn(params, x, y, mask, jax.random.fold_in(step_key, step_index))
+            if correct is not None:
+                grad = correct(grad, params)
+            updates, new_opt_state = optimizer.update(grad, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            real = jnp.any(mask)
+            keep = lambda new, old: jnp.where(real, new, old)
+            params = jax.tree.map(keep, new_params, params)
+            opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+            loss_sum = loss_sum + jnp.where(real, loss, 0.0)
+            step_count = step_count + real.astype(jnp.float32)
+            return (params, opt_state, loss_sum, step_count), None
+
+        carry, _ = jax.lax.scan(step, carry, (batches.x, batches.y, batches.mask, step_indices), unroll=unroll)
+        return carry, None
+
+    zero = jnp.zeros((), jnp.float32)
+    init = (params, optimizer.init(params), zero, zero)
+    (params, _, loss_sum, step_count), _ = jax.lax.scan(epoch, init, jnp.arange(num_epochs, dtype=jnp.uint32))
+    return params, loss_sum / jnp.maximum(step_count, 1.0), step_count
+
+
 def local_sgd(
     model,
     optimizer: optax.GradientTransformation,
@@ -107,16 +218,8 @@ def local_sgd(
     max_steps: int | None = None,
     gradient: GradientFn | None = None,
     proximal_mu: float = 0.0,
-    unroll: int | bool = 1,
-    accelerate: bool = True,
-    compute_dtype: jnp.dtype | None = None,
-) -> ClientUpdate:
-    """Local training for ``num_epochs`` epochs of minibatch optimisation.
-
-    Each epoch reshuffles the client's examples with its own key. The optimizer
-    starts from a fresh state every round. A minibatch made only of padding
-    leaves parameters AND optimizer state untouched, so padding never causes
-    momentum or weight-decay drift.
+) -> Configurable:
+    """Local training for ``num_epochs`` epochs of minibatch optimisation (:func:`train_locally`).
 
     Args:
       model: a flax module or an ``apply(params, x) -> outputs`` callable.
@@ -129,104 +232,42 @@ def local_sgd(
         heavy-tailed clients: a client with more data than the cap contributes
         only its first ``max_steps`` shuffled minibatches).
       gradient: optional replacement for the minibatch gradient, e.g. DP-SGD's
-        per-example clipped and noised gradient (``fljax.privacy``).
+        per-example clipped and noised gradient (``fljax.privacy``); the
+        performance settings then apply only to the scan.
       proximal_mu: FedProx's proximal term ``mu/2 ||w - w_server||^2``; 0 is FedAvg.
-      unroll: performance setting: ``lax.scan`` unrolling of the local steps
-        (same result up to float reassociation).
-      accelerate: performance setting: run the model through
-        :func:`fljax.fast.accelerate` (convolutions as banded or im2col matmuls and
-        non-overlapping max-pools as maxima on CPU; a no-op for models without
-        them and on GPU/TPU unless ``fljax.nn.set_impl("matmul")``). Same values
-        and gradients up to float reassociation. Ignored when ``gradient`` is given.
-      compute_dtype: performance setting: ``None`` computes in the params' dtype;
-        e.g. ``jnp.bfloat16`` casts params and floating inputs to it for the
-        forward and backward pass (mixed precision; params, optimizer state and
-        deltas stay float32). ``jnp.float32`` changes nothing.
 
     Returns:
-      ``client_update(server_params, data, key) -> ClientOutput``; metrics are
-      ``train_loss`` (mean minibatch loss over real steps) and ``num_examples``.
+      A :class:`Configurable` ``client_update(server_params, data, key) ->
+      ClientOutput``; metrics are ``train_loss`` (mean minibatch loss over real
+      steps) and ``num_examples``. The round's :class:`~fljax.base.Performance`
+      decides the fast conv path, compute dtype and scan unrolling.
 
     Examples:
       >>> update = local_sgd(models.LeNet(), optax.sgd(0.01, momentum=0.9), batch_size=32)
       >>> out = update(params, client_data, key)
     """
-    if batch_size <= 0 or num_epochs <= 0:
-        raise ValueError(f"batch_size and num_epochs must be positive, got {batch_size}, {num_epochs}")
-    if weighting not in ("num_examples", "uniform"):
-        raise ValueError(f"weighting must be 'num_examples' or 'uniform', got {weighting!r}")
-    apply_fn = as_apply(model)
-    if accelerate:
-        apply_fn = fast.accelerate(apply_fn)
-    if compute_dtype is not None:
-        apply_fn = fast.with_compute_dtype(apply_fn, compute_dtype)
-    grad_fn = gradient if gradient is not None else masked_mean_gradient(apply_fn, loss_fn)
+    _check_options(batch_size, num_epochs, weighting, max_steps)
+    if proximal_mu < 0:
+        raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
 
-    def client_update(server_params: Params, data: ClientData, key: jax.Array) -> ClientOutput:
-        if data.mask.ndim != 1:
-            raise ValueError(
-                f"client_update works on ONE client: mask must be [num_examples], got shape {data.mask.shape}"
+    def build(performance: Performance) -> ClientUpdate:
+        grad_fn = gradient if gradient is not None else masked_mean_gradient(fast_apply(model, performance), loss_fn)
+
+        def client_update(server_params: Params, data: ClientData, key: jax.Array) -> ClientOutput:
+            correct = None
+            if proximal_mu:
+                correct = lambda g, p: jax.tree.map(lambda gi, pi, si: gi + proximal_mu * (pi - si), g, p, server_params)
+            params, loss, _ = train_locally(
+                grad_fn, optimizer, server_params, data, key, batch_size=batch_size, num_epochs=num_epochs,
+                max_steps=max_steps, unroll=performance.unroll, correct=correct,
             )
+            n = jnp.sum(data.mask.astype(jnp.float32))
+            delta = jax.tree.map(lambda s, p: s - p, server_params, params)
+            return ClientOutput(delta, _weight(n, weighting), {"train_loss": loss, "num_examples": n})
 
-        # Keys are derived with fold_in from scanned indices rather than scanned
-        # as split key arrays: same independence, and it keeps jax's key-reuse
-        # checker exact under vmap.
-        def epoch(carry, epoch_index):
-            epoch_key = jax.random.fold_in(key, epoch_index)
-            params, opt_state, loss_sum, step_count = carry
-            shuffle_key, step_key = jax.random.split(epoch_key)
-            batches = make_batches(data, batch_size, shuffle_key)
-            if max_steps is not None:
-                batches = jax.tree.map(lambda a: a[:max_steps], batches)
-            steps = batches.mask.shape[0]
-            step_indices = jnp.arange(steps, dtype=jnp.uint32)
+        return client_update
 
-            def step(carry, inputs):
-                params, opt_state, loss_sum, step_count = carry
-                x, y, mask, step_index = inputs
-                k = jax.random.fold_in(step_key, step_index)
-                grad, loss = grad_fn(params, x, y, mask, k)
-                if proximal_mu:
-                    grad = jax.tree.map(
-                        lambda g, p, s: g + proximal_mu * (p - s), grad, params, server_params
-                    )
-                updates, new_opt_state = optimizer.update(grad, opt_state, params)
-                new_params = optax.apply_updates(params, updates)
-                real = jnp.any(mask)
-                keep = lambda new, old: jnp.where(real, new, old)
-                params = jax.tree.map(keep, new_params, params)
-                opt_state = jax.tree.map(keep, new_opt_state, opt_state)
-                loss_sum = loss_sum + jnp.where(real, loss, 0.0)
-                step_count = step_count + real.astype(jnp.float32)
-                return (params, opt_state, loss_sum, step_count), None
-
-            carry, _ = jax.lax.scan(
-                step,
-                (params, opt_state, loss_sum, step_count),
-                (batches.x, batches.y, batches.mask, step_indices),
-                unroll=unroll,
-            )
-            return carry, None
-
-        init = (
-            server_params,
-            optimizer.init(server_params),
-            jnp.zeros((), jnp.float32),
-            jnp.zeros((), jnp.float32),
-        )
-        (params, _, loss_sum, step_count), _ = jax.lax.scan(
-            epoch, init, jnp.arange(num_epochs, dtype=jnp.uint32)
-        )
-        n = jnp.sum(data.mask.astype(jnp.float32))
-        if weighting == "num_examples":
-            weight = n
-        else:
-            weight = (n > 0).astype(jnp.float32)
-        delta = jax.tree.map(lambda s, p: s - p, server_params, params)
-        metrics = {"train_loss": loss_sum / jnp.maximum(step_count, 1.0), "num_examples": n}
-        return ClientOutput(delta=delta, weight=weight, metrics=metrics)
-
-    return client_update
+    return Configurable(build)
 
 
 def local_gradient(
@@ -234,20 +275,24 @@ def local_gradient(
     *,
     loss_fn: losses.LossFn = losses.softmax_cross_entropy,
     weighting: Literal["num_examples", "uniform"] = "num_examples",
-) -> ClientUpdate:
+) -> Configurable:
     """FedSGD's client: the gradient of the mean loss over ALL the client's data.
 
     ``delta`` is the gradient itself (one full-batch step of SGD with learning
     rate 1), so a server SGD with learning rate ``lr`` takes one centralised
     gradient step when all clients hold equal data.
     """
-    apply_fn = as_apply(model)
-    grad_fn = masked_mean_gradient(apply_fn, loss_fn)
+    _check_options(1, 1, weighting, None)
 
-    def client_update(server_params: Params, data: ClientData, key: jax.Array) -> ClientOutput:
-        grad, loss = grad_fn(server_params, data.x, data.y, data.mask, key)
-        n = jnp.sum(data.mask.astype(jnp.float32))
-        weight = n if weighting == "num_examples" else (n > 0).astype(jnp.float32)
-        return ClientOutput(delta=grad, weight=weight, metrics={"train_loss": loss, "num_examples": n})
+    def build(performance: Performance) -> ClientUpdate:
+        grad_fn = masked_mean_gradient(fast_apply(model, performance), loss_fn)
 
-    return client_update
+        def client_update(server_params: Params, data: ClientData, key: jax.Array) -> ClientOutput:
+            grad, loss = grad_fn(server_params, data.x, data.y, data.mask, key)
+            n = jnp.sum(data.mask.astype(jnp.float32))
+            return ClientOutput(grad, _weight(n, weighting), {"train_loss": loss, "num_examples": n})
+
+        return client_update
+
+    return Configurable(build)
+

@@ -1,20 +1,23 @@
-"""Running a cohort: ``map_clients`` and the jitted averaging round.
+"""Running a cohort: ``map_clients``, ``run_clients`` and the jitted averaging round.
 
 ``map_clients`` vmaps a one-client update over the cohort, or, with
 ``chunk_size``, runs ``lax.map`` over chunks of vmapped clients to bound
 memory; both give the same result (up to float reassociation).
 
 ``averaging_algorithm`` builds the round shared by FedAvg, FedSGD, FedAvgM,
-FedProx and the adaptive FedOpt family: clients train locally, an
+FedProx and the adaptive FedOpt family: clients train locally (stateless, or
+with state that lives with each client across rounds), an
 :class:`~fljax.base.Aggregator` combines their deltas, and any optax optimizer
 applies the combined delta as a pseudo-gradient. Algorithms in
-:mod:`fljax.algorithms` are thin factories over it.
+:mod:`fljax.algorithms` are thin factories over it. Performance settings
+(:class:`~fljax.base.Performance`) are given once, to the round.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Literal, NamedTuple
+import dataclasses
+from collections.abc import Callable
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +34,10 @@ from fljax.base import (
     Cohort,
     FederatedAlgorithm,
     Params,
+    Performance,
+    PyTree,
     ServerState,
+    StatefulClientUpdate,
 )
 from fljax.data import bucketing
 
@@ -178,28 +184,59 @@ def client_mesh(devices=None, axis: str = "clients") -> jax.sharding.Mesh:
     return jax.sharding.Mesh(np.array(jax.devices() if devices is None else devices), (axis,))
 
 
+def apply_performance(client_update, performance: Performance):
+    """``client_update`` built with ``performance`` (the fast conv path, compute dtype, unroll).
+
+    Builders of :mod:`fljax.client` return updates with ``with_performance``;
+    any other callable is used as it is.
+    """
+    if isinstance(client_update, StatefulClientUpdate):
+        return client_update._replace(update=apply_performance(client_update.update, performance))
+    configure = getattr(client_update, "with_performance", None)
+    return configure(performance) if configure is not None else client_update
+
+
 def run_clients(
-    client_update: ClientUpdate,
-    params: Params,
+    client_update: ClientUpdate | StatefulClientUpdate,
+    params: PyTree,
     cohort: Cohort,
     key: jax.Array,
-    *,
-    chunk_size: ChunkSize = "auto",
-    mesh: jax.sharding.Mesh | None = None,
-) -> ClientOutput:
+    performance: Performance | None = None,
+) -> tuple[PyTree, ClientOutput]:
     """Run ``client_update`` for every slot of ``cohort`` from the same ``params``.
 
     Client ``i`` gets the key ``fold_in(stream(key, "clients"), client_ids[i])``.
-    Padding slots (``client_mask`` False) get weight 0. With ``mesh``, the
-    clients are spread over its devices (:func:`shard_clients`).
+    Padding slots (``client_mask`` False) get weight 0 and keep their state.
+    ``params`` is what the server broadcasts (the model, or e.g. SCAFFOLD's
+    ``(model, control)``). With ``performance.mesh`` the clients are spread over
+    its devices (:func:`shard_clients`).
+
+    Returns:
+      ``(client_states, outputs)``: the cohort's new client states (``()`` for
+      a stateless update) and the stacked :class:`ClientOutput`.
     """
+    perf = performance if performance is not None else Performance()
+    update = apply_performance(client_update, perf)
     keys = fl_random.client_keys(fl_random.stream(key, "clients"), cohort.client_ids)
-    if mesh is None:
-        out = map_clients(lambda d, k: client_update(params, d, k), cohort.data, keys, chunk_size=chunk_size)
+    stateful = isinstance(update, StatefulClientUpdate)
+    if stateful:
+        if not jax.tree.leaves(cohort.client_states):
+            raise ValueError(
+                "a stateful client update needs the cohort's client states: "
+                "cohort = client_states.attach(data.cohort(...)) (fljax.data.ClientStates)"
+            )
+        fn, args = update.update, (cohort.client_states, cohort.data, keys)
     else:
-        out = shard_clients(client_update, mesh, params, cohort.data, keys, chunk_size=chunk_size)
+        fn, args = (lambda p, d, k: ((), update(p, d, k))), (cohort.data, keys)
+    if perf.mesh is None:
+        states, out = map_clients(lambda *a: fn(params, *a), *args, chunk_size=perf.chunk_size)
+    else:
+        states, out = shard_clients(fn, perf.mesh, params, *args, chunk_size=perf.chunk_size)
     weight = jnp.where(cohort.client_mask, out.weight, 0.0).astype(jnp.float32)
-    return out._replace(weight=weight)
+    if stateful:
+        keep = lambda new, old: jnp.where(cohort.client_mask.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+        states = jax.tree.map(keep, states, cohort.client_states)
+    return states, out._replace(weight=weight)
 
 
 def check_cohort(cohort: Cohort) -> None:
@@ -215,6 +252,25 @@ def check_cohort(cohort: Cohort) -> None:
             raise ValueError(
                 f"client data leaves must start with [clients, num_examples] = {m.shape}, got {leaf.shape}"
             )
+    for leaf in jax.tree.leaves(cohort.client_states):
+        if leaf.shape[:1] != (n,):
+            raise ValueError(f"client_states leaves must start with [clients={n}], got {leaf.shape}")
+
+
+def client_metrics(out: ClientOutput) -> dict:
+    """Client metrics averaged over participating clients, weighted by the clients' weights."""
+    present = out.weight > 0
+    w = jnp.where(present, out.weight, 0.0)
+    wsum = jnp.maximum(jnp.sum(w), 1e-12)
+    return {f"client_{k}": jnp.sum(jnp.where(present, v, 0.0) * w) / wsum for k, v in out.metrics.items()}
+
+
+def server_step(state: ServerState, delta: Params, server_optimizer, aggregator_state, metrics):
+    """Apply the combined ``delta`` with the server optimizer; count the round."""
+    updates, opt_state = server_optimizer.update(delta, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, delta_norm=optax.tree.norm(delta))
+    return ServerState(params, opt_state, aggregator_state, state.round + 1), metrics
 
 
 def server_update(
@@ -227,31 +283,38 @@ def server_update(
     """The server half of a round: aggregate the clients' outputs, apply the optimizer.
 
     Returns the new state and the round's metrics: client metrics averaged over
-    participating clients (example-weighted), the aggregator's metrics and
-    ``delta_norm``.
+    participating clients (weighted by the clients' weights), the aggregator's
+    metrics and ``delta_norm``.
     """
-    agg_key = fl_random.stream(key, "aggregate")
     agg_state, delta, agg_metrics = aggregator.aggregate(
-        state.aggregator_state, out.delta, out.weight, agg_key
+        state.aggregator_state, out.delta, out.weight, fl_random.stream(key, "aggregate")
     )
-    updates, opt_state = server_optimizer.update(delta, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    present = out.weight > 0
-    w = jnp.where(present, out.weight, 0.0)
-    wsum = jnp.maximum(jnp.sum(w), 1e-12)
-    metrics = {f"client_{k}": jnp.sum(jnp.where(present, v, 0.0) * w) / wsum for k, v in out.metrics.items()}
-    metrics.update(agg_metrics)
-    metrics["delta_norm"] = optax.tree.norm(delta)
-    return ServerState(params, opt_state, agg_state, state.round + 1), metrics
+    return server_step(state, delta, server_optimizer, agg_state, client_metrics(out) | agg_metrics)
+
+
+def _chunked_sum(fn, args, n: int, chunk_size: int | None):
+    """Sum ``fn(*chunk)`` over chunks of clients with a scan (memory O(chunk))."""
+    if chunk_size is None or chunk_size >= n:
+        return fn(*args)
+    if n % chunk_size:
+        raise ValueError(f"bucket of {n} slots is not a multiple of chunk_size {chunk_size}")
+    chunks = jax.tree.map(lambda a: a.reshape((n // chunk_size, chunk_size) + a.shape[1:]), args)
+    first = jax.tree.map(lambda a: a[0], chunks)
+    rest = jax.tree.map(lambda a: a[1:], chunks)
+
+    def body(carry, chunk):
+        return jax.tree.map(jnp.add, carry, fn(*chunk)), None
+
+    total, _ = jax.lax.scan(body, fn(*first), rest)
+    return total
 
 
 def averaging_algorithm(
-    client_update: ClientUpdate,
+    client_update: ClientUpdate | StatefulClientUpdate,
     server_optimizer: optax.GradientTransformation,
     *,
     aggregator: Aggregator | None = None,
-    chunk_size: ChunkSize = "auto",
-    mesh: jax.sharding.Mesh | None = None,
+    performance: Performance | None = None,
 ) -> FederatedAlgorithm:
     """The generalised FedAvg round (Reddi et al. 2021, Algorithm 1).
 
@@ -261,147 +324,90 @@ def averaging_algorithm(
     treats the combined delta as a gradient. With ``optax.sgd(1.0)`` the new
     model is the weighted average of the local models (FedAvg).
 
+    ``cohort`` may also be a tuple of bucket cohorts (:func:`fljax.data.bucketing.split`
+    or ``merge``) for heavy-tailed populations: with the default aggregator the
+    weighted sum is accumulated bucket by bucket (chunks of
+    ``performance.chunk_size`` clients, memory O(chunk)) and divided once; any
+    other aggregator gets all buckets' outputs at once. Called outside ``jit``,
+    each bucket shape compiles once; under ``jit`` the whole round is one
+    computation.
+
+    With a :class:`~fljax.base.StatefulClientUpdate`, ``cohort.client_states``
+    (gathered by :class:`fljax.data.ClientStates`) flow through the round and
+    the new ones come back as ``state.client_states``.
+
     Args:
       client_update: one client's update (e.g. :func:`fljax.client.local_sgd`).
       server_optimizer: any optax optimizer.
       aggregator: an :class:`Aggregator`; default :func:`aggregators.weighted_mean`.
-      chunk_size: see :func:`map_clients`.
-      mesh: spread the clients over this mesh's devices (:func:`shard_clients`,
-        e.g. :func:`client_mesh`); ``None``: one device.
+      performance: :class:`~fljax.base.Performance` settings (default: all
+        defaults); also ``algo.with_performance(perf)``.
 
     Returns:
       A :class:`FederatedAlgorithm` whose state is :class:`ServerState`. Round
-      metrics: client metrics averaged over participating clients (example-
-      weighted), aggregator metrics, and ``delta_norm``.
+      metrics: client metrics averaged over participating clients (weighted by
+      the clients' weights), aggregator metrics, and ``delta_norm``.
     """
-    aggregator = aggregator if aggregator is not None else aggregators_lib.weighted_mean()
-
-    def init(params: Params) -> ServerState:
-        return ServerState(
-            params=params,
-            opt_state=server_optimizer.init(params),
-            aggregator_state=aggregator.init(params),
-            round=jnp.zeros((), jnp.int32),
-        )
-
-    def update(state: ServerState, cohort: Cohort, key: jax.Array) -> tuple[ServerState, dict]:
-        check_cohort(cohort)
-        out = run_clients(client_update, state.params, cohort, key, chunk_size=chunk_size, mesh=mesh)
-        return server_update(state, out, key, aggregator, server_optimizer)
-
-    return FederatedAlgorithm(init, update)
-
-
-class BucketedAlgorithm(NamedTuple):
-    """``init(params) -> ServerState``; ``update(state, cohorts, key) -> (state, metrics)``.
-
-    ``update`` takes the list of bucket cohorts of ONE round and is not itself
-    jitted: it calls one jitted function per bucket shape and one for the
-    server step (each compiled once per shape).
-    """
-
-    init: Callable[[Params], ServerState]
-    update: Callable[[ServerState, Sequence[Cohort], jax.Array], tuple[ServerState, dict]]
-
-
-def _chunked(fn, cohort: Cohort, keys: jax.Array, chunk_size: int | None):
-    """Sum ``fn(data, keys, mask)`` over chunks of clients with a scan (memory O(chunk))."""
-    n = cohort.client_mask.shape[0]
-    args = (cohort.data, keys, cohort.client_mask)
-    if chunk_size is None or chunk_size >= n:
-        return fn(*args)
-    if n % chunk_size:
-        raise ValueError(f"bucket of {n} slots is not a multiple of chunk_size {chunk_size}")
-    chunks = jax.tree.map(lambda a: a.reshape((n // chunk_size, chunk_size) + a.shape[1:]), args)
-    first = jax.tree.map(lambda a: a[0], chunks)
-    rest = jax.tree.map(lambda a: a[1:], chunks)
-    init = fn(*first)
-
-    def body(carry, chunk):
-        return jax.tree.map(jnp.add, carry, fn(*chunk)), None
-
-    total, _ = jax.lax.scan(body, init, rest)
-    return total
-
-
-def bucketed_algorithm(
-    client_update: ClientUpdate,
-    server_optimizer: optax.GradientTransformation,
-    *,
-    aggregator: Aggregator | None = None,
-    chunk_size: int | None = None,
-) -> BucketedAlgorithm:
-    """The averaging round of :func:`averaging_algorithm` over size buckets (:mod:`fljax.data.bucketing`).
-
-    Args:
-      client_update: one client's update (e.g. :func:`fljax.client.local_sgd`).
-      server_optimizer: any optax optimizer (``optax.sgd(1.0)`` is FedAvg).
-      aggregator: ``None`` streams the example-weighted mean bucket by bucket
-        (non-finite clients dropped, as :func:`fljax.aggregators.weighted_mean`);
-        any other aggregator gets the concatenated outputs of all buckets.
-      chunk_size: clients per vmapped chunk inside a bucket (memory); buckets
-        from :func:`split` with the same ``chunk_size`` divide evenly.
-
-    Returns:
-      A :class:`BucketedAlgorithm`. Metrics: example-weighted ``client_*``
-      metrics, ``num_nonfinite``, ``total_weight``, ``num_clients`` (or the
-      aggregator's), and ``delta_norm``.
-    """
+    perf = performance if performance is not None else Performance()
     streaming = aggregator is None
-    aggregator = aggregator if aggregator is not None else aggregators_lib.weighted_mean()
+    agg = aggregator if aggregator is not None else aggregators_lib.weighted_mean()
+    stateful = isinstance(client_update, StatefulClientUpdate)
 
     def init(params: Params) -> ServerState:
-        return ServerState(
-            params, server_optimizer.init(params), aggregator.init(params), jnp.zeros((), jnp.int32)
-        )
+        return ServerState(params, server_optimizer.init(params), agg.init(params), jnp.zeros((), jnp.int32))
 
-    def client_sums(params, data, keys, mask):
-        out = jax.vmap(lambda d, k: client_update(params, d, k))(data, keys)
+    def round_(state: ServerState, cohort: Cohort, key: jax.Array) -> tuple[ServerState, dict]:
+        check_cohort(cohort)
+        states, out = run_clients(client_update, state.params, cohort, key, perf)
+        state, metrics = server_update(state, out, key, agg, server_optimizer)
+        return state._replace(client_states=states), metrics
+
+    chunk = None if perf.chunk_size == "auto" else perf.chunk_size
+    summer = aggregators_lib.weighted_sum()
+
+    def sums(params, agg_key, data, keys, mask):
+        out = jax.vmap(apply_performance(client_update, perf), in_axes=(None, 0, 0))(params, data, keys)
         weight = jnp.where(mask, out.weight, 0.0).astype(jnp.float32)
-        w, bad = aggregators_lib.sanitize(out.delta, weight)
+        _, total, m = summer.aggregate((), out.delta, weight, agg_key)
+        w, _ = aggregators_lib.sanitize(out.delta, weight)
         metric_sums = {k: tree.weighted_sum(v, w) for k, v in out.metrics.items()}
-        return tree.weighted_sum(out.delta, w), jnp.sum(w), metric_sums, bad, jnp.sum(w > 0).astype(jnp.int32)
+        return total, metric_sums, {k: m[k] for k in ("total_weight", "num_nonfinite", "num_clients")}
 
     @jax.jit
     def bucket_sums(params, cohort, key):
         check_cohort(cohort)
         keys = fl_random.client_keys(fl_random.stream(key, "clients"), cohort.client_ids)
-        return _chunked(lambda d, k, m: client_sums(params, d, k, m), cohort, keys, chunk_size)
+        args = (cohort.data, keys, cohort.client_mask)
+        agg_key = fl_random.stream(key, "aggregate")
+        return _chunked_sum(lambda *a: sums(params, agg_key, *a), args, cohort.client_mask.shape[0], chunk)
+
+    @jax.jit
+    def finish_sums(state, total):
+        delta_sum, metric_sums, m = total
+        wsum = m["total_weight"]
+        denom = jnp.where(wsum > 0, wsum, 1.0)
+        delta = jax.tree.map(lambda s: s / denom.astype(s.dtype), delta_sum)
+        metrics = {f"client_{k}": v / denom for k, v in metric_sums.items()} | m
+        return server_step(state, delta, server_optimizer, state.aggregator_state, metrics)
 
     @jax.jit
     def bucket_outputs(params, cohort, key):
         check_cohort(cohort)
-        return run_clients(client_update, params, cohort, key, chunk_size=chunk_size)
+        return run_clients(client_update, params, cohort, key, dataclasses.replace(perf, chunk_size=chunk))[1]
 
-    def server_step(state, delta, agg_state, metrics):
-        updates, opt_state = server_optimizer.update(delta, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, delta_norm=optax.tree.norm(delta))
-        return ServerState(params, opt_state, agg_state, state.round + 1), metrics
-
+    finish_outputs = jax.jit(lambda state, out, key: server_update(state, out, key, agg, server_optimizer))
     add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
 
-    @jax.jit
-    def finish_streaming(state, total):
-        delta_sum, wsum, metric_sums, bad, count = total
-        denom = jnp.where(wsum > 0, wsum, 1.0)
-        delta = jax.tree.map(lambda s: s / denom.astype(s.dtype), delta_sum)
-        metrics = {f"client_{k}": v / denom for k, v in metric_sums.items()}
-        metrics.update(num_nonfinite=bad, total_weight=wsum, num_clients=count)
-        return server_step(state, delta, state.aggregator_state, metrics)
-
-    finish_outputs = jax.jit(
-        lambda state, out, key: server_update(state, out, key, aggregator, server_optimizer)
-    )
-
-    def update(state: ServerState, cohorts: Sequence[Cohort], key: jax.Array) -> tuple[ServerState, dict]:
+    def buckets(state: ServerState, cohorts, key: jax.Array) -> tuple[ServerState, dict]:
         if not cohorts:
             raise ValueError("no bucket cohorts given")
+        if stateful:
+            raise ValueError("stateful client updates take one Cohort per round, not size buckets")
         if streaming:
             total = bucket_sums(state.params, cohorts[0], key)
             for c in cohorts[1:]:  # one compiled add, whatever the number of calls
                 total = add(total, bucket_sums(state.params, c, key))
-            return finish_streaming(state, total)
+            return finish_sums(state, total)
         outs = [bucket_outputs(state.params, c, key) for c in cohorts]
         total = sum(int(o.weight.shape[0]) for o in outs)
         pad = bucketing.capacity(total) - total  # zero-weight slots: few distinct aggregation shapes
@@ -410,4 +416,12 @@ def bucketed_algorithm(
         out = jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
         return finish_outputs(state, out, key)
 
-    return BucketedAlgorithm(init, update)
+    def update(state: ServerState, cohort, key: jax.Array) -> tuple[ServerState, dict]:
+        if isinstance(cohort, list | tuple) and not isinstance(cohort, Cohort):
+            return buckets(state, list(cohort), key)
+        return round_(state, cohort, key)
+
+    def with_performance(performance: Performance) -> FederatedAlgorithm:
+        return averaging_algorithm(client_update, server_optimizer, aggregator=aggregator, performance=performance)
+
+    return FederatedAlgorithm(init, update, with_performance)

@@ -6,7 +6,7 @@ import pytest
 
 from fljax import client, random, simulation
 from fljax.algorithms import fedavg
-from fljax.base import ClientData, Cohort
+from fljax.base import ClientData, Cohort, Performance
 from tests import helpers
 
 
@@ -21,7 +21,7 @@ def test_vmap_equals_python_loop_over_clients():
     _, cohort = _cohort([5, 9, 3, 12])
     update = helpers.local_sgd()
     key = jax.random.key(0)
-    out = simulation.run_clients(update, params, cohort, key)
+    out = simulation.run_clients(update, params, cohort, key)[1]
     keys = random.client_keys(random.stream(key, "clients"), cohort.client_ids)
     for i in range(4):
         data_i = jax.tree.map(lambda a, i=i: jnp.asarray(a[i]), cohort.data)
@@ -35,8 +35,8 @@ def test_chunked_equals_unchunked():
     _, cohort = _cohort([5, 9, 3, 12, 7, 1])
     update = helpers.local_sgd()
     key = jax.random.key(1)
-    full = simulation.run_clients(update, params, cohort, key)
-    chunked = simulation.run_clients(update, params, cohort, key, chunk_size=2)
+    full = simulation.run_clients(update, params, cohort, key)[1]
+    chunked = simulation.run_clients(update, params, cohort, key, Performance(chunk_size=2))[1]
     helpers.assert_trees_close(full.delta, chunked.delta)
     np.testing.assert_array_equal(np.asarray(full.weight), np.asarray(chunked.weight))
 
@@ -62,26 +62,26 @@ def test_auto_chunk_size_follows_the_per_client_working_set(monkeypatch):
     assert simulation.auto_chunk_size(fn, cohort.data, keys) == 1
     # "auto" is a performance setting: the same outputs as one vmap.
     monkeypatch.setattr(simulation, "CHUNK_BYTES", 4 * per_client)
-    full = simulation.run_clients(update, params, cohort, key, chunk_size=None)
-    auto = simulation.run_clients(update, params, cohort, key)  # default "auto"
+    full = simulation.run_clients(update, params, cohort, key, Performance(chunk_size=None))[1]
+    auto = simulation.run_clients(update, params, cohort, key)[1]  # default "auto"
     helpers.assert_trees_close(full.delta, auto.delta)
     with pytest.raises(ValueError, match="chunk_size"):
-        simulation.run_clients(update, params, cohort, key, chunk_size="half")
+        Performance(chunk_size="half")
 
 
 def test_chunk_size_must_divide_cohort():
     params = helpers.params()
     _, cohort = _cohort([5, 9, 3])
     with pytest.raises(ValueError, match="divide"):
-        simulation.run_clients(helpers.local_sgd(), params, cohort, jax.random.key(0), chunk_size=2)
+        simulation.run_clients(helpers.local_sgd(), params, cohort, jax.random.key(0), Performance(chunk_size=2))[1]
 
 
 def test_client_randomness_follows_client_id_not_slot():
     params = helpers.params()
     pop = helpers.population([5, 9, 3, 12])
     key = jax.random.key(2)
-    a = simulation.run_clients(helpers.local_sgd(), params, pop.cohort([1, 3], num_examples=12), key)
-    b = simulation.run_clients(helpers.local_sgd(), params, pop.cohort([3, 1], num_examples=12), key)
+    a = simulation.run_clients(helpers.local_sgd(), params, pop.cohort([1, 3], num_examples=12), key)[1]
+    b = simulation.run_clients(helpers.local_sgd(), params, pop.cohort([3, 1], num_examples=12), key)[1]
     helpers.assert_trees_close(jax.tree.map(lambda x: x[0], a.delta), jax.tree.map(lambda x: x[1], b.delta))
 
 
@@ -104,7 +104,7 @@ def test_fedavg_server_step_is_weighted_average_of_local_models():
     key = jax.random.key(4)
     algo = fedavg.fedavg(update)
     state, _ = algo.update(algo.init(params), cohort, key)
-    out = simulation.run_clients(update, params, cohort, key)
+    out = simulation.run_clients(update, params, cohort, key)[1]
     w = np.asarray(out.weight) / np.asarray(out.weight).sum()
     local = jax.tree.map(lambda p, d: p[None] - d, params, out.delta)
     expected = jax.tree.map(lambda leaf: jnp.tensordot(jnp.asarray(w, leaf.dtype), leaf, axes=1), local)

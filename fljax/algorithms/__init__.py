@@ -1,5 +1,6 @@
-"""Federated algorithms, one file per paper."""
+"""Federated algorithms, one file per paper, one shape:
+``name(client_update, *, <server hyperparameters>, aggregator=None) -> FederatedAlgorithm``."""
 
-from fljax.algorithms import fedavg, fedavgm, fedopt, fedprox, fedsgd
+from fljax.algorithms import fedavg, fedavgm, fedopt, fedprox, fedsgd, scaffold
 
-__all__ = ["fedavg", "fedavgm", "fedopt", "fedprox", "fedsgd"]
+__all__ = ["fedavg", "fedavgm", "fedopt", "fedprox", "fedsgd", "scaffold"]

@@ -18,8 +18,6 @@ def fedavg(
     *,
     server_learning_rate: float = 1.0,
     aggregator: Aggregator | None = None,
-    chunk_size: simulation.ChunkSize = "auto",
-    mesh: simulation.Mesh | None = None,
 ) -> FederatedAlgorithm:
     """Federated Averaging.
 
@@ -30,24 +28,14 @@ def fedavg(
     Args:
       client_update: e.g. ``client.local_sgd(model, optax.sgd(0.01), batch_size=32)``.
       server_learning_rate: server step size on the averaged delta.
-      aggregator: default example-weighted mean; DP / secure aggregation wrap it.
-      chunk_size: clients per vmapped chunk: ``"auto"`` (default, see
-        :func:`fljax.simulation.auto_chunk_size`), an int, or ``None`` (whole cohort).
-      mesh: spread the clients over this mesh's devices
-        (:func:`fljax.simulation.shard_clients`); ``None``: one device.
+      aggregator: default example-weighted mean; DP / secure aggregation wrap a sum.
 
     Returns:
-      ``FederatedAlgorithm(init, update)``.
+      ``FederatedAlgorithm(init, update, with_performance)``.
 
     Examples:
       >>> algo = fedavg(client.local_sgd(model, optax.sgd(0.01), batch_size=32))
       >>> state = algo.init(params)
       >>> state, metrics = jax.jit(algo.update)(state, cohort, key)
     """
-    return simulation.averaging_algorithm(
-        client_update,
-        optax.sgd(server_learning_rate),
-        aggregator=aggregator,
-        chunk_size=chunk_size,
-        mesh=mesh,
-    )
+    return simulation.averaging_algorithm(client_update, optax.sgd(server_learning_rate), aggregator=aggregator)

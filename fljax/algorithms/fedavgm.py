@@ -19,14 +19,7 @@ def fedavgm(
     server_learning_rate: float = 1.0,
     server_momentum: float = 0.9,
     aggregator: Aggregator | None = None,
-    chunk_size: simulation.ChunkSize = "auto",
-    mesh: simulation.Mesh | None = None,
 ) -> FederatedAlgorithm:
     """FedAvg whose server applies the averaged delta with heavy-ball momentum."""
-    return simulation.averaging_algorithm(
-        client_update,
-        optax.sgd(server_learning_rate, momentum=server_momentum),
-        aggregator=aggregator,
-        chunk_size=chunk_size,
-        mesh=mesh,
-    )
+    opt = optax.sgd(server_learning_rate, momentum=server_momentum)
+    return simulation.averaging_algorithm(client_update, opt, aggregator=aggregator)

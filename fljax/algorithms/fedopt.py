@@ -15,16 +15,12 @@ from fljax.base import Aggregator, ClientUpdate, FederatedAlgorithm
 
 def fedopt(
     client_update: ClientUpdate,
-    server_optimizer: optax.GradientTransformation,
     *,
+    server_optimizer: optax.GradientTransformation,
     aggregator: Aggregator | None = None,
-    chunk_size: simulation.ChunkSize = "auto",
-    mesh: simulation.Mesh | None = None,
 ) -> FederatedAlgorithm:
     """FedOpt with any optax server optimizer (Algorithm 1 of Reddi et al.)."""
-    return simulation.averaging_algorithm(
-        client_update, server_optimizer, aggregator=aggregator, chunk_size=chunk_size, mesh=mesh
-    )
+    return simulation.averaging_algorithm(client_update, server_optimizer, aggregator=aggregator)
 
 
 def fedadam(
@@ -35,12 +31,10 @@ def fedadam(
     b2: float = 0.99,
     tau: float = 1e-3,
     aggregator: Aggregator | None = None,
-    chunk_size: simulation.ChunkSize = "auto",
-    mesh: simulation.Mesh | None = None,
 ) -> FederatedAlgorithm:
     """FedAdam: Adam on the server with adaptivity ``tau`` (paper's epsilon)."""
     opt = optax.adam(server_learning_rate, b1=b1, b2=b2, eps=tau)
-    return fedopt(client_update, opt, aggregator=aggregator, chunk_size=chunk_size, mesh=mesh)
+    return fedopt(client_update, server_optimizer=opt, aggregator=aggregator)
 
 
 def fedyogi(
@@ -51,12 +45,10 @@ def fedyogi(
     b2: float = 0.99,
     tau: float = 1e-3,
     aggregator: Aggregator | None = None,
-    chunk_size: simulation.ChunkSize = "auto",
-    mesh: simulation.Mesh | None = None,
 ) -> FederatedAlgorithm:
     """FedYogi: Yogi on the server (Zaheer et al. 2018) with adaptivity ``tau``."""
     opt = optax.yogi(server_learning_rate, b1=b1, b2=b2, eps=tau)
-    return fedopt(client_update, opt, aggregator=aggregator, chunk_size=chunk_size, mesh=mesh)
+    return fedopt(client_update, server_optimizer=opt, aggregator=aggregator)
 
 
 def fedadagrad(
@@ -65,8 +57,6 @@ def fedadagrad(
     server_learning_rate: float,
     tau: float = 1e-3,
     aggregator: Aggregator | None = None,
-    chunk_size: simulation.ChunkSize = "auto",
-    mesh: simulation.Mesh | None = None,
 ) -> FederatedAlgorithm:
     """FedAdagrad: Adagrad on the server with adaptivity ``tau``.
 
@@ -74,4 +64,4 @@ def fedadagrad(
     the paper's ``v_{-1} >= tau^2`` corresponds to setting it to ``tau**2``.
     """
     opt = optax.adagrad(server_learning_rate, initial_accumulator_value=tau**2, eps=tau)
-    return fedopt(client_update, opt, aggregator=aggregator, chunk_size=chunk_size, mesh=mesh)
+    return fedopt(client_update, server_optimizer=opt, aggregator=aggregator)

@@ -9,28 +9,24 @@ from __future__ import annotations
 
 import optax
 
-from fljax import client, losses, simulation
-from fljax.base import Aggregator, FederatedAlgorithm
+from fljax import client, simulation
+from fljax.base import Aggregator, ClientUpdate, FederatedAlgorithm
+
+
+def gradient_client(model, **options) -> ClientUpdate:
+    """FedSGD's client: :func:`fljax.client.local_gradient` (options ``loss_fn``, ``weighting`` forwarded)."""
+    return client.local_gradient(model, **options)
 
 
 def fedsgd(
-    model,
+    client_update: ClientUpdate,
     *,
     learning_rate: float,
-    loss_fn: losses.LossFn = losses.softmax_cross_entropy,
     aggregator: Aggregator | None = None,
-    chunk_size: simulation.ChunkSize = "auto",
-    mesh: simulation.Mesh | None = None,
 ) -> FederatedAlgorithm:
-    """FedSGD: clients send the gradient of their mean loss; the server takes an SGD step.
+    """FedSGD: clients send the gradient of their mean loss (:func:`gradient_client`); the server takes an SGD step.
 
     With example weighting and equal learning rates this is exactly one step of
     centralised full-batch gradient descent on the cohort's pooled data.
     """
-    return simulation.averaging_algorithm(
-        client.local_gradient(model, loss_fn=loss_fn),
-        optax.sgd(learning_rate),
-        aggregator=aggregator,
-        chunk_size=chunk_size,
-        mesh=mesh,
-    )
+    return simulation.averaging_algorithm(client_update, optax.sgd(learning_rate), aggregator=aggregator)

@@ -1,6 +1,7 @@
-"""Federated data: populations, cohort gathering, sampling, partitioners, loaders."""
+"""Federated data: populations, per-client state, cohort gathering, sampling, partitioners, loaders."""
 
 from fljax.data import partition, prefetch, sampling
+from fljax.data.client_states import ClientStates
 from fljax.data.federated import FederatedData, to_device
 
-__all__ = ["FederatedData", "partition", "prefetch", "sampling", "to_device"]
+__all__ = ["ClientStates", "FederatedData", "partition", "prefetch", "sampling", "to_device"]

@@ -10,7 +10,8 @@ import optax
 import pytest
 
 from fljax import client, losses
-from fljax.algorithms import fedavg, fedavgm, fedopt, fedprox, fedsgd
+from fljax.algorithms import fedavg, fedavgm, fedopt, fedprox, fedsgd, scaffold
+from fljax.data import ClientStates
 from tests import helpers
 
 
@@ -24,9 +25,18 @@ ALGORITHMS = {
     "fedadam": lambda: fedopt.fedadam(_local(), server_learning_rate=0.05),
     "fedyogi": lambda: fedopt.fedyogi(_local(), server_learning_rate=0.05),
     "fedadagrad": lambda: fedopt.fedadagrad(_local(), server_learning_rate=0.05),
-    "fedprox": lambda: fedprox.fedprox(helpers.model(), optax.sgd(0.1), mu=0.1, batch_size=4),
-    "fedsgd": lambda: fedsgd.fedsgd(helpers.model(), learning_rate=0.5),
+    "fedprox": lambda: fedprox.fedprox(fedprox.proximal_client(helpers.model(), optax.sgd(0.1), mu=0.1, batch_size=4)),
+    "fedsgd": lambda: fedsgd.fedsgd(fedsgd.gradient_client(helpers.model()), learning_rate=0.5),
+    "scaffold": lambda: scaffold.scaffold(_scaffold_client(), population_size=len(POP_SIZES)),
 }
+
+
+def _scaffold_client():
+    return scaffold.scaffold_client(helpers.model(), 0.1, batch_size=4)
+
+
+# Algorithms whose clients keep state: their cohorts carry it (fljax.data.ClientStates).
+STATEFUL = {"scaffold": _scaffold_client}
 
 POP_SIZES = [6, 3, 9, 5]
 
@@ -50,10 +60,18 @@ def _round(algo_or_name, ids, key, rounds=1):
         algo, update = algo_or_name, jax.jit(algo_or_name.update)
     ctx = jax.numpy_dtype_promotion("standard") if algo_or_name in STANDARD_PROMOTION else contextlib.nullcontext()
     pop = helpers.population(POP_SIZES)
+    states = None
+    if algo_or_name in STATEFUL:
+        states = ClientStates(STATEFUL[algo_or_name]().init(helpers.params()), pop.num_clients)
     with ctx:
         state = algo.init(helpers.params())
         for r in range(rounds):
-            state, metrics = update(state, pop.cohort(ids, num_examples=9), jax.random.fold_in(key, r))
+            cohort = pop.cohort(ids, num_examples=9)
+            if states is not None:
+                cohort = states.attach(cohort)
+            state, metrics = update(state, cohort, jax.random.fold_in(key, r))
+            if states is not None:
+                state = states.scatter(cohort, state)
     return state, metrics
 
 
@@ -87,8 +105,11 @@ def test_metrics_are_finite_scalars_and_round_counts(name):
 
 
 def test_fedprox_with_mu_zero_equals_fedavg():
-    a, _ = _round(fedprox.fedprox(helpers.model(), optax.sgd(0.1), mu=0.0, batch_size=4), [0, 1, 2],
-                  jax.random.key(0))
+    a, _ = _round(
+        fedprox.fedprox(fedprox.proximal_client(helpers.model(), optax.sgd(0.1), mu=0.0, batch_size=4)),
+        [0, 1, 2],
+        jax.random.key(0),
+    )
     b, _ = _round(fedavg.fedavg(helpers.local_sgd(optimizer=optax.sgd(0.1), batch_size=4, num_epochs=1)),
                   [0, 1, 2], jax.random.key(0))
     helpers.assert_trees_equal(a.params, b.params)
@@ -103,7 +124,8 @@ def test_fedavgm_without_momentum_equals_fedavg():
 def test_fedsgd_equals_centralised_gradient_step():
     pop = helpers.population(POP_SIZES)
     lr = 0.5
-    state, _ = _round(fedsgd.fedsgd(helpers.model(), learning_rate=lr), [0, 1, 2, 3], jax.random.key(0))
+    algo = fedsgd.fedsgd(fedsgd.gradient_client(helpers.model()), learning_rate=lr)
+    state, _ = _round(algo, [0, 1, 2, 3], jax.random.key(0))
     x, y = pop.pooled()
     params = helpers.params()
     g = jax.grad(lambda p: jnp.mean(losses.softmax_cross_entropy(helpers.model().apply(p, x), y)))(params)
@@ -125,4 +147,50 @@ def test_fedavg_one_client_one_step_equals_optimizer_step():
 
 def test_fedprox_rejects_negative_mu():
     with pytest.raises(ValueError, match="mu"):
-        fedprox.fedprox(helpers.model(), optax.sgd(0.1), mu=-1.0, batch_size=4)
+        fedprox.proximal_client(helpers.model(), optax.sgd(0.1), mu=-1.0, batch_size=4)
+
+
+def test_fedprox_client_forwards_every_option():
+    """max_steps and weighting reach the client (they used to be dropped)."""
+    pop = helpers.population([8])
+    params = helpers.params()
+    key = jax.random.key(0)
+    cohort = pop.cohort([0])
+    data = jax.tree.map(lambda a: jnp.asarray(a[0]), cohort.data)
+    a = fedprox.proximal_client(helpers.model(), optax.sgd(0.1), mu=0.1, batch_size=2, weighting="uniform")
+    assert float(a(params, data, key).weight) == 1.0
+    capped = fedprox.proximal_client(helpers.model(), optax.sgd(0.1), mu=0.1, batch_size=2, max_steps=1)
+    full = fedprox.proximal_client(helpers.model(), optax.sgd(0.1), mu=0.1, batch_size=2)
+    assert not np.allclose(
+        np.asarray(jax.tree.leaves(capped(params, data, key).delta)[0]),
+        np.asarray(jax.tree.leaves(full(params, data, key).delta)[0]),
+    )
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_one_shape_and_performance_given_once(name):
+    """Every algorithm takes its settings once; with_performance changes nothing but speed."""
+    import inspect
+
+    from fljax.base import Performance
+
+    algo = ALGORITHMS[name]()
+    assert algo.with_performance is not None
+    factory = {
+        "fedadam": fedopt.fedadam, "fedyogi": fedopt.fedyogi, "fedadagrad": fedopt.fedadagrad,
+        "fedavg": fedavg.fedavg, "fedavgm": fedavgm.fedavgm, "fedprox": fedprox.fedprox,
+        "fedsgd": fedsgd.fedsgd, "scaffold": scaffold.scaffold,
+    }[name]
+    params = list(inspect.signature(factory).parameters.values())
+    assert params[0].name == "client_update"
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[1:])
+    assert params[-1].name == "aggregator" and params[-1].default is None
+    assert not {"chunk_size", "mesh", "unroll", "compute_dtype", "performance"} & {p.name for p in params}
+    ctx = jax.numpy_dtype_promotion("standard") if name in STANDARD_PROMOTION else contextlib.nullcontext()
+    with ctx:
+        a, _ = _round(name, [0, 1, 2, 3], jax.random.key(0))
+        other = algo.with_performance(Performance(chunk_size=2, unroll=2, accelerate=False))
+        if name in STATEFUL:
+            return  # its rounds need client states; covered by tests/algorithms/test_scaffold.py
+        b, _ = _round(other, [0, 1, 2, 3], jax.random.key(0))
+    helpers.assert_trees_close(a.params, b.params, rtol=1e-5, atol=1e-6)
