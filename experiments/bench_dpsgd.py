@@ -43,8 +43,11 @@ def main(argv=None) -> None:
     params = zoo.init_params(model, (784,), keys[0])
     x = jax.random.normal(keys[1], (clients, num_examples, 784), jnp.float32)
     y = jax.random.randint(keys[2], (clients, num_examples), 0, classes, jnp.int32)
-    cohort = Cohort(ClientData(x, y, jnp.ones((clients, num_examples), bool)),
-                    jnp.arange(clients, dtype=jnp.int32), jnp.ones((clients,), bool))
+    cohort = Cohort(
+        ClientData(x, y, jnp.ones((clients, num_examples), bool)),
+        jnp.arange(clients, dtype=jnp.int32),
+        jnp.ones((clients,), bool),
+    )
     opt = optax.sgd(0.01, momentum=0.9)
     cfg = DPSGDConfig(l2_norm_clip=1.0, noise_multiplier=1.0, batch_size=batch, num_examples=num_examples)
     variants = {
@@ -66,13 +69,27 @@ def main(argv=None) -> None:
         results[name] = (statistics.median(times), compile_sec)
     plain = results["plain"][0]
     for name, (sec, compile_sec) in results.items():
-        print(json.dumps({
-            "bench": "dpsgd_overhead", "system": "fljax", "variant": name, "model": f"mlp{hidden}",
-            "clients": clients, "num_examples": num_examples, "batch_size": batch,
-            "sec_per_update": sec, "examples_per_sec": clients * num_examples / sec,
-            "ratio_to_plain": sec / plain, "compile_sec": compile_sec, "repeats": repeats,
-            "device": jax.devices()[0].platform, "jax": jax.__version__,
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "bench": "dpsgd_overhead",
+                    "system": "fljax",
+                    "variant": name,
+                    "model": f"mlp{hidden}",
+                    "clients": clients,
+                    "num_examples": num_examples,
+                    "batch_size": batch,
+                    "sec_per_update": sec,
+                    "examples_per_sec": clients * num_examples / sec,
+                    "ratio_to_plain": sec / plain,
+                    "compile_sec": compile_sec,
+                    "repeats": repeats,
+                    "device": jax.devices()[0].platform,
+                    "jax": jax.__version__,
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ LeNet (62,006 params) on 32x32x3 inputs, 500 examples per client, batch 32
 cohorts of 10 and 100 clients. Prints one JSON object per measurement:
 
 * ``system: "fljax"``, ``variant`` ``"plain"`` / ``"dp"`` (client-level DP,
-  :func:`fljax.privacy.dp_aggregator`) / ``"secagg"``
-  (:func:`fljax.secagg.secure_aggregator`), with ``ratio_to_plain`` measured in
+  :func:`fljax.privacy.dp`) / ``"secagg"``
+  (mean of :func:`fljax.secagg.secure_sum`), with ``ratio_to_plain`` measured in
   the same run; ``formulation`` names the round's settings.
 * ``system: "hw_bound"``: the same number of examples through the same CNN
   trained centrally at batch 3,200 (best JAX formulation measured; every
@@ -52,7 +52,7 @@ import optax
 
 from fljax import client, fast, losses, simulation
 from fljax.algorithms import fedavg
-from fljax.base import ClientData, Cohort
+from fljax.base import ClientData, Cohort, Performance
 from fljax.models import zoo
 
 BENCH = "seed_cifar"
@@ -68,7 +68,7 @@ def _load_torch_reference():
 
 torch_reference = _load_torch_reference()
 
-# formulation name -> local_sgd keyword arguments (performance settings only)
+# formulation name -> Performance fields (performance settings only)
 FORMULATIONS = {
     "fast": dict(accelerate=True),  # default: conv as im2col + matmul, pool as maxima (on CPU)
     "xla": dict(accelerate=False),  # XLA's convolution and reduce_window (the naive vmap)
@@ -130,13 +130,24 @@ def aggregator_for(variant: str, cohort_size: int, num_examples: int):
             cohort_size=cohort_size,
             sampling="fixed",
         )
-        return privacy.dp_aggregator(cfg)
+        return privacy.dp(cfg)
+    if variant == "dp_secagg":  # DP over the secure sum: clip, secure sum, noise once
+        from fljax import privacy, secagg
+
+        cfg = privacy.DPConfig(
+            clip_norm=1.0,
+            noise_multiplier=1.0,
+            population_size=max(cohort_size, 100),
+            cohort_size=cohort_size,
+            sampling="fixed",
+        )
+        return privacy.dp(cfg, sum=secagg.secure_sum(secagg.SecAggConfig(clip_range=1.0, frac_bits=16)))
     if variant == "secagg":
-        from fljax import secagg
+        from fljax import aggregators, secagg
 
         max_weight = float(2 ** int(np.ceil(np.log2(num_examples))))
-        return secagg.secure_aggregator(
-            secagg.SecAggConfig(clip_range=1.0, frac_bits=16, max_weight=max_weight)
+        return aggregators.mean(
+            secagg.secure_sum(secagg.SecAggConfig(clip_range=1.0, frac_bits=16, max_weight=max_weight))
         )
     raise ValueError(f"unknown variant {variant!r}")
 
@@ -184,17 +195,20 @@ def bench_fljax(
         except (ImportError, AttributeError) as e:  # module being written concurrently
             emit(system="fljax", variant=variant, cohort=cohort_size, skipped=f"{type(e).__name__}: {e}")
             continue
+        xla = not FORMULATIONS[formulation].get("accelerate", True)
         update = client.local_sgd(
-            model,
+            zoo.LeNet(conv_impl="xla") if xla else model,  # same params; XLA's conv and pool ops
             optax.sgd(0.01, momentum=0.9),
             batch_size=32,
             num_epochs=1,
             loss_fn=losses.softmax_cross_entropy,
-            unroll=args.unroll,
-            **FORMULATIONS[formulation],
         )
         mesh = args.mesh if args.mesh is not None and cohort_size % jax.device_count() == 0 else None
-        algo = fedavg.fedavg(update, aggregator=aggregator, chunk_size=args.chunk_size, mesh=mesh)
+        perf = Performance(
+            chunk_size=args.chunk_size, mesh=mesh, unroll=args.unroll, **FORMULATIONS[formulation]
+        )
+        update = update.with_performance(perf)
+        algo = fedavg.fedavg(update, aggregator=aggregator).with_performance(perf)
         per_device = cohort_size // (jax.device_count() if mesh is not None else 1)
         step = jax.jit(algo.update)
         compile_sec, times, cpu = time_rounds(step, algo.init(params), cohort, args.rounds)
@@ -242,7 +256,8 @@ def central_examples_per_sec(
 ):
     """Examples/s of the CNN trained centrally (one model) at ``batch``: a jitted step
     driven by a Python loop (``driver="loop"``) or ``steps`` steps in one jitted ``lax.scan``."""
-    apply = fast.accelerate(model.apply) if accelerate else model.apply
+    # The zoo's LeNet uses fljax.nn's matmul forms on CPU; the XLA formulation is the same model with XLA's ops.
+    apply = fast.accelerate(model.apply) if accelerate else zoo.LeNet(conv_impl="xla").apply
     opt = optax.sgd(0.01, momentum=0.9)
 
     def train_step(carry, xy):
@@ -307,7 +322,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--cohorts", default="10,100")
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds (after one warm-up)")
-    parser.add_argument("--variants", default="plain,dp,secagg")
+    parser.add_argument("--variants", default="plain,dp,secagg,dp_secagg")
     parser.add_argument("--formulations", default="fast", help=f"comma list of {sorted(FORMULATIONS)}")
     parser.add_argument(
         "--chunk-size",

@@ -95,8 +95,13 @@ def build_data(cfg: dict, key: jax.Array) -> dict:
         else:
             raise ValueError(f"unknown partition {part!r}")
         train = FederatedData.from_partition(x_train, y_train, p.indices, num_classes=10)
-        return {"train": train, "test": None, "central_test": (x_test, y_test), "num_classes": 10,
-                "partition_report": partition.report(p, y_train, 10)}
+        return {
+            "train": train,
+            "test": None,
+            "central_test": (x_test, y_test),
+            "num_classes": 10,
+            "partition_report": partition.report(p, y_train, 10),
+        }
     raise ValueError(f"unknown data set {name!r}")
 
 
@@ -163,8 +168,12 @@ def build_algorithm(config: dict, model, dp_config: privacy.DPConfig | None = No
     if name == "fedsgd":
         update = fedsgd.gradient_client(model, weighting=c.get("weighting", "num_examples"))
         return fedsgd.fedsgd(update, learning_rate=s["learning_rate"], aggregator=agg).with_performance(perf)
-    options = dict(batch_size=c["batch_size"], num_epochs=c["num_epochs"],
-                   weighting=c.get("weighting", "num_examples"), max_steps=c.get("max_steps"))
+    options = dict(
+        batch_size=c["batch_size"],
+        num_epochs=c["num_epochs"],
+        weighting=c.get("weighting", "num_examples"),
+        max_steps=c.get("max_steps"),
+    )
     opt = build_optimizer(c)
     if name == "fedprox":
         update = fedprox.proximal_client(model, opt, mu=s["mu"], **options)
@@ -172,12 +181,20 @@ def build_algorithm(config: dict, model, dp_config: privacy.DPConfig | None = No
     elif name == "fedavg":
         algo = fedavg.fedavg(client.local_sgd(model, opt, **options), server_learning_rate=lr, aggregator=agg)
     elif name == "fedavgm":
-        algo = fedavgm.fedavgm(client.local_sgd(model, opt, **options), server_learning_rate=lr,
-                               server_momentum=s.get("momentum", 0.9), aggregator=agg)
+        algo = fedavgm.fedavgm(
+            client.local_sgd(model, opt, **options),
+            server_learning_rate=lr,
+            server_momentum=s.get("momentum", 0.9),
+            aggregator=agg,
+        )
     elif name in ("fedadam", "fedyogi", "fedadagrad"):
         fn = {"fedadam": fedopt.fedadam, "fedyogi": fedopt.fedyogi, "fedadagrad": fedopt.fedadagrad}[name]
-        algo = fn(client.local_sgd(model, opt, **options), server_learning_rate=lr, tau=s.get("tau", 1e-3),
-                  aggregator=agg)
+        algo = fn(
+            client.local_sgd(model, opt, **options),
+            server_learning_rate=lr,
+            tau=s.get("tau", 1e-3),
+            aggregator=agg,
+        )
     else:
         raise ValueError(f"unknown algorithm {name!r}")
     return algo.with_performance(perf)
@@ -197,8 +214,17 @@ def sample_cohort(cfg: dict, key: jax.Array, num_clients: int):
 # ----------------------------------------------------------------------------- training
 
 
-def train(config: dict, train_data: FederatedData, model, *, eval_fn=None, out_dir=None, resume=False,
-          progress=True, desc="federated"):
+def train(
+    config: dict,
+    train_data: FederatedData,
+    model,
+    *,
+    eval_fn=None,
+    out_dir=None,
+    resume=False,
+    progress=True,
+    desc="federated",
+):
     """Runs ``config['rounds']`` rounds; returns (final ServerState, list of per-round records)."""
     from tqdm import tqdm
 
@@ -237,8 +263,10 @@ def train(config: dict, train_data: FederatedData, model, *, eval_fn=None, out_d
     for r in bar:
         t0 = time.perf_counter()
         if ledger is not None and not ledger.can_run(1):
-            stopped = (f"stopped before round {r + 1}: it would spend epsilon {ledger.epsilon(r + 1):.3f} > "
-                       f"budget {ledger.budget_epsilon} (spent {ledger.epsilon():.3f} after {r} rounds)")
+            stopped = (
+                f"stopped before round {r + 1}: it would spend epsilon {ledger.epsilon(r + 1):.3f} > "
+                f"budget {ledger.budget_epsilon} (spent {ledger.epsilon():.3f} after {r} rounds)"
+            )
             print(f"fljax: privacy budget reached, {stopped}", flush=True)
             break
         rkey = fl_random.round_key(run_key, r)
@@ -247,8 +275,9 @@ def train(config: dict, train_data: FederatedData, model, *, eval_fn=None, out_d
             ids, mask = privacy.sample_cohort(dp_config, sample_key)
         else:
             ids, mask = sample_cohort(config.get("cohort", {}), sample_key, train_data.num_clients)
-        cohort = train_data.cohort(ids, client_mask=mask, num_examples=num_examples,
-                                   key=fl_random.stream(run_key, "data"))
+        cohort = train_data.cohort(
+            ids, client_mask=mask, num_examples=num_examples, key=fl_random.stream(run_key, "data")
+        )
         state, m = update(state, cohort, rkey)
         record = {"round": r + 1, **{k: float(v) for k, v in jax.device_get(m).items()}}
         if ledger is not None:
@@ -262,7 +291,9 @@ def train(config: dict, train_data: FederatedData, model, *, eval_fn=None, out_d
                 f.write(json.dumps(record) + "\n")
         if ckpt_dir is not None and ck_every and ((r + 1) % ck_every == 0 or r + 1 == rounds):
             checkpoint.save(ckpt_dir, r + 1, state, {"round": r + 1})
-        shown = {k: record[k] for k in ("client_train_loss", "test_accuracy", "fed_mean_accuracy") if k in record}
+        shown = {
+            k: record[k] for k in ("client_train_loss", "test_accuracy", "fed_mean_accuracy") if k in record
+        }
         bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
     privacy_summary = {"epsilon": float("inf"), "note": "no differential privacy configured"}
     if ledger is not None:
@@ -276,9 +307,12 @@ _ROUNDS: dict = {}
 
 def _compiled_round(config: dict, model, dp_config=None):
     """One jitted round per (algorithm settings, model), shared by repeats and baselines."""
-    key = json.dumps({k: config.get(k) for k in ("model", "client", "server", "aggregator", "chunk_size",
-                                                  "secagg")} | {"dp": repr(dp_config)},
-                     sort_keys=True, default=str)
+    key = json.dumps(
+        {k: config.get(k) for k in ("model", "client", "server", "aggregator", "chunk_size", "secagg")}
+        | {"dp": repr(dp_config)},
+        sort_keys=True,
+        default=str,
+    )
     if key not in _ROUNDS:
         algo = build_algorithm(config, model, dp_config)
         _ROUNDS[key] = (algo, jax.jit(algo.update))
@@ -287,16 +321,27 @@ def _compiled_round(config: dict, model, dp_config=None):
 
 def run_info() -> dict:
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
-                                    text=True).stdout.strip())
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True
+            ).stdout.strip()
+        )
     except (OSError, subprocess.CalledProcessError):
         sha, dirty = "unknown", None
     import jaxlib
 
-    return {"git_sha": sha, "git_dirty": dirty, "python": platform.python_version(), "jax": jax.__version__,
-            "jaxlib": jaxlib.__version__, "device": str(jax.devices()[0]), "platform": platform.platform()}
+    return {
+        "git_sha": sha,
+        "git_dirty": dirty,
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "device": str(jax.devices()[0]),
+        "platform": platform.platform(),
+    }
 
 
 def run_once(config: dict, out: pathlib.Path, *, resume=False, progress=True, verbose=True) -> dict:
@@ -307,8 +352,11 @@ def run_once(config: dict, out: pathlib.Path, *, resume=False, progress=True, ve
     model = build_model(config["model"], data["num_classes"])
     names = list(train_data.client_names or [f"client {i}" for i in range(train_data.num_clients)])
     if verbose:
-        print(f"fljax: {config['name']}: {train_data.num_clients} clients, {len(train_data.y)} training "
-              f"examples, {config['rounds']} rounds -> {out}", flush=True)
+        print(
+            f"fljax: {config['name']}: {train_data.num_clients} clients, {len(train_data.y)} training "
+            f"examples, {config['rounds']} rounds -> {out}",
+            flush=True,
+        )
 
     def eval_fn(params):
         res = {}
@@ -320,41 +368,76 @@ def run_once(config: dict, out: pathlib.Path, *, resume=False, progress=True, ve
             res.update({f"fed_{k}": v for k, v in fe.items() if not k.startswith("per_client_loss")})
         return res
 
-    state, records = train(config, train_data, model, eval_fn=eval_fn, out_dir=out, resume=resume,
-                           progress=progress)
-    summary = {"name": config["name"], "rounds": config["rounds"], "final": records[-1] if records else {},
-               "privacy": train.last_privacy}
+    state, records = train(
+        config, train_data, model, eval_fn=eval_fn, out_dir=out, resume=resume, progress=progress
+    )
+    summary = {
+        "name": config["name"],
+        "rounds": config["rounds"],
+        "final": records[-1] if records else {},
+        "privacy": train.last_privacy | {"secure_aggregation": bool(config.get("secagg"))},
+    }
     if "partition_report" in data:
         summary["partition"] = data["partition_report"]
     baselines = config.get("baselines", ())
     table = None
     if baselines and test_data is not None:
-        table = {"client": names, "test_sizes": test_data.sizes.tolist(),
-                 "federated": records[-1]["fed_per_client_accuracy"]}
+        table = {
+            "client": names,
+            "test_sizes": test_data.sizes.tolist(),
+            "federated": records[-1]["fed_per_client_accuracy"],
+        }
         # Reference baselines are non-private: they show what a hospital gives up or gains.
         alone = config | {"cohort": {"sampling": "all"}, "dp": None, "secagg": None}
         if "local" in baselines:
             table["local"] = []
             for c in range(train_data.num_clients):
-                _, recs = train(alone, train_data.subset([c]), model,
-                                eval_fn=lambda p, c=c: {"acc": evaluation.federated_evaluate(
-                                    model, p, test_data.subset([c]))["mean_accuracy"]},
-                                progress=progress, desc=f"alone: {names[c]}")
+                _, recs = train(
+                    alone,
+                    train_data.subset([c]),
+                    model,
+                    eval_fn=lambda p, c=c: {
+                        "acc": evaluation.federated_evaluate(model, p, test_data.subset([c]))["mean_accuracy"]
+                    },
+                    progress=progress,
+                    desc=f"alone: {names[c]}",
+                )
                 table["local"].append(recs[-1]["acc"])
+        if "nonprivate" in baselines:  # the same federation without DP or secure aggregation
+            _, recs = train(
+                alone,
+                train_data,
+                model,
+                eval_fn=lambda p: {
+                    "per": evaluation.federated_evaluate(model, p, test_data)["per_client_accuracy"]
+                },
+                progress=progress,
+                desc="federated, not private",
+            )
+            table["nonprivate"] = recs[-1]["per"]
         if "pooled" in baselines:
             pooled = FederatedData.from_clients([train_data.pooled()], num_classes=train_data.num_classes)
-            _, recs = train(alone, pooled, model,
-                            eval_fn=lambda p: {"per": evaluation.federated_evaluate(model, p, test_data)[
-                                "per_client_accuracy"]},
-                            progress=progress, desc="pooled data")
+            _, recs = train(
+                alone,
+                pooled,
+                model,
+                eval_fn=lambda p: {
+                    "per": evaluation.federated_evaluate(model, p, test_data)["per_client_accuracy"]
+                },
+                progress=progress,
+                desc="pooled data",
+            )
             table["pooled"] = recs[-1]["per"]
-    (out / "summary.json").write_text(json.dumps(summary | {"per_client_test_accuracy": table}, indent=1,
-                                                 default=_jsonable))
+    (out / "summary.json").write_text(
+        json.dumps(summary | {"per_client_test_accuracy": table}, indent=1, default=_jsonable)
+    )
     return {"summary": summary, "records": records, "table": table}
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default=None, help="output folder (default runs/<config name>)")
@@ -387,13 +470,14 @@ def main(argv=None) -> dict:
     table = None
     if tables:
         table = {"client": tables[0]["client"], "test_sizes": tables[0]["test_sizes"]}
-        for col in ("local", "federated", "pooled"):
+        for col in COLUMNS:
             if col in tables[0]:
                 vals = np.array([t[col] for t in tables])
                 table[col] = vals.mean(axis=0).tolist()
                 table[f"{col}_std"] = vals.std(axis=0).tolist()
-                table[f"{col}_weighted_all"] = [float(np.dot(t["test_sizes"], t[col]) / np.sum(t["test_sizes"]))
-                                                for t in tables]
+                table[f"{col}_weighted_all"] = [
+                    float(np.dot(t["test_sizes"], t[col]) / np.sum(t["test_sizes"])) for t in tables
+                ]
         table["repeats"] = repeats
         summary["per_client_test_accuracy"] = table
         print_table(table)
@@ -401,8 +485,11 @@ def main(argv=None) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_jsonable))
     plot(records, table, out / "curves.png", config["name"])
     final = records[-1]
-    shown = {k: round(final[k], 4) for k in ("test_accuracy", "fed_mean_accuracy", "fed_weighted_accuracy")
-             if k in final}
+    shown = {
+        k: round(final[k], 4)
+        for k in ("test_accuracy", "fed_mean_accuracy", "fed_weighted_accuracy")
+        if k in final
+    }
     print(f"done in {summary['wall_sec']:.1f}s: {shown}; metrics, summary and plot in {out}", flush=True)
     return summary
 
@@ -411,18 +498,30 @@ def _jsonable(o):
     return o.tolist() if hasattr(o, "tolist") else str(o)
 
 
+COLUMNS = ("local", "nonprivate", "federated", "pooled")
+HEADS = {"local": "alone", "nonprivate": "fed., no DP", "federated": "federated", "pooled": "pooled data"}
+
+
 def print_table(table: dict) -> None:
-    cols = [c for c in ("local", "federated", "pooled") if c in table]
-    heads = {"local": "alone", "federated": "federated", "pooled": "pooled data"}
+    cols = [c for c in COLUMNS if c in table]
+    heads = HEADS
     n = table["repeats"]
     print(f"\nHeld-out accuracy per client, mean +- sd over {n} random splits and seeds:")
     print(f"  {'client':<16}{'test n':>7}" + "".join(f"{heads[c]:>16}" for c in cols))
     for i, name in enumerate(table["client"]):
-        print(f"  {name:<16}{int(table['test_sizes'][i]):>7}"
-              + "".join(f"{table[c][i]:>9.3f} +-{table[c + '_std'][i]:.3f}" for c in cols))
-    print(f"  {'all (weighted)':<16}{int(np.sum(table['test_sizes'])):>7}"
-          + "".join(f"{np.mean(table[c + '_weighted_all']):>9.3f} +-{np.std(table[c + '_weighted_all']):.3f}"
-                    for c in cols) + "\n", flush=True)
+        print(
+            f"  {name:<16}{int(table['test_sizes'][i]):>7}"
+            + "".join(f"{table[c][i]:>9.3f} +-{table[c + '_std'][i]:.3f}" for c in cols)
+        )
+    print(
+        f"  {'all (weighted)':<16}{int(np.sum(table['test_sizes'])):>7}"
+        + "".join(
+            f"{np.mean(table[c + '_weighted_all']):>9.3f} +-{np.std(table[c + '_weighted_all']):.3f}"
+            for c in cols
+        )
+        + "\n",
+        flush=True,
+    )
 
 
 def plot(records: list[dict], table: dict | None, path: pathlib.Path, title: str) -> None:
@@ -439,7 +538,10 @@ def plot(records: list[dict], table: dict | None, path: pathlib.Path, title: str
     ax.set_xlabel("round")
     ax.set_ylabel("loss")
     ax2 = ax.twinx()
-    for k, lab in (("test_accuracy", "central test accuracy"), ("fed_mean_accuracy", "mean client test accuracy")):
+    for k, lab in (
+        ("test_accuracy", "central test accuracy"),
+        ("fed_mean_accuracy", "mean client test accuracy"),
+    ):
         pts = [(r["round"], r[k]) for r in records if k in r]
         if pts:
             ax2.plot(*zip(*pts, strict=True), marker=".", label=lab)
@@ -448,12 +550,11 @@ def plot(records: list[dict], table: dict | None, path: pathlib.Path, title: str
     ax.set_title(title)
     if table:
         ax = axes[0, 1]
-        cols = [c for c in ("local", "federated", "pooled") if c in table]
+        cols = [c for c in COLUMNS if c in table]
         x = np.arange(len(table["client"]))
         width = 0.8 / len(cols)
         for j, c in enumerate(cols):
-            ax.bar(x + j * width, table[c], width, yerr=table.get(f"{c}_std"), capsize=3,
-                   label={"local": "alone", "pooled": "pooled data"}.get(c, c))
+            ax.bar(x + j * width, table[c], width, yerr=table.get(f"{c}_std"), capsize=3, label=HEADS[c])
         ax.set_xticks(x + width * (len(cols) - 1) / 2, table["client"], rotation=15)
         ax.set_ylabel(f"held-out accuracy (mean +- sd, {table.get('repeats', 1)} splits)")
         ax.set_ylim(0, 1)

@@ -7,8 +7,21 @@ garbage: its weight is set to zero (it contributes exactly zero) and the count
 is reported as ``num_nonfinite``. A padding slot (weight 0) contributes exactly
 zero whatever its delta holds.
 
-Wrappers (DP in :mod:`fljax.privacy`, secure aggregation in :mod:`fljax.secagg`)
-take an :class:`~fljax.base.Aggregator` and return one.
+Aggregation is built around a SUM. A sum is an aggregator whose output is
+``total = sum_i weights_i * deltas_i`` and whose metrics report the weight it
+actually summed as ``total_weight`` (with ``num_nonfinite`` and
+``num_clients``): :func:`weighted_sum` (plain) and
+:func:`fljax.secagg.secure_sum` (fixed-point, masked). Stages surround a sum:
+:func:`mean` divides by the observed ``total_weight``;
+:func:`fljax.privacy.dp` clips, bounds weights, calls its sum once, adds noise
+once and divides by a fixed denominator. Sums are additive, so chunked,
+bucketed and sharded rounds can add partial sums instead of re-writing a mean.
+The coordinate-wise robust means (:func:`median`, :func:`trimmed_mean`) are not
+sums and stand alone.
+
+Examples:
+  >>> agg = aggregators.mean(secagg.secure_sum(secagg.SecAggConfig()))  # secure mean
+  >>> agg = privacy.dp(dp_config, sum=secagg.secure_sum(secagg.SecAggConfig()))  # DP over it
 """
 
 from __future__ import annotations
@@ -26,6 +39,11 @@ class EmptyState(NamedTuple):
     """State of a stateless aggregator."""
 
 
+def _init_empty(params: Params) -> EmptyState:
+    del params
+    return EmptyState()
+
+
 def sanitize(deltas: Params, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Zero the weight of clients with non-finite deltas or weights.
 
@@ -41,8 +59,74 @@ def sanitize(deltas: Params, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
     return clean, jnp.sum(bad).astype(jnp.int32)
 
 
+def _metrics(weights: jax.Array, num_nonfinite: jax.Array) -> dict[str, jax.Array]:
+    return {
+        "num_nonfinite": num_nonfinite,
+        "total_weight": jnp.sum(weights),
+        "num_clients": jnp.sum(weights > 0).astype(jnp.int32),
+    }
+
+
+def weighted_sum() -> Aggregator:
+    """The plain sum: ``total = sum_i w_i delta_i``.
+
+    Non-finite clients (or weights) get weight 0 and are counted in
+    ``num_nonfinite``; a weight-0 client contributes exactly zero (see
+    :func:`sanitize`). Stateless; the key is unused.
+
+    Returns:
+      A sum: ``aggregate(state, deltas, weights, key) -> (state, total,
+      metrics)`` with metrics ``total_weight`` (``sum_i w_i`` over the clients
+      kept), ``num_nonfinite`` and ``num_clients``.
+
+    Examples:
+      >>> agg = weighted_sum()
+      >>> state, total, metrics = agg.aggregate(agg.init(params), deltas, weights, key)
+    """
+
+    def aggregate(state: PyTree, deltas: Params, weights: jax.Array, key: jax.Array):
+        del key
+        w, num_bad = sanitize(deltas, weights)
+        return state, tree.weighted_sum(deltas, w), _metrics(w, num_bad)
+
+    return Aggregator(_init_empty, aggregate)
+
+
+def mean(sum: Aggregator | None = None) -> Aggregator:
+    """Mean over the observed weight: ``sum``'s total divided by its ``total_weight``.
+
+    The result is zero when the observed weight is 0 (no client, every client
+    rejected, or a secure round that aborted). Dividing by the OBSERVED weight
+    is not differentially private; :func:`fljax.privacy.dp` divides by a fixed
+    denominator instead.
+
+    Args:
+      sum: the inner sum (default :func:`weighted_sum`), e.g.
+        :func:`fljax.secagg.secure_sum`.
+
+    Returns:
+      An aggregator with the inner sum's state and metrics.
+
+    Examples:
+      >>> secure_mean = mean(secagg.secure_sum(secagg.SecAggConfig(max_weight=512.0)))
+    """
+    inner = weighted_sum() if sum is None else sum
+
+    def aggregate(state: PyTree, deltas: Params, weights: jax.Array, key: jax.Array):
+        state, total, metrics = inner.aggregate(state, deltas, weights, key)
+        observed = metrics["total_weight"]
+        some = observed > 0
+        denom = jnp.where(some, observed, jnp.ones_like(observed))
+        delta = jax.tree.map(
+            lambda s: jnp.where(some, s / denom.astype(s.dtype), jnp.zeros((), s.dtype)), total
+        )
+        return state, delta, metrics
+
+    return Aggregator(inner.init, aggregate)
+
+
 def weighted_mean() -> Aggregator:
-    """Weighted mean of client deltas (FedAvg's example-weighted average).
+    """Weighted mean of client deltas (FedAvg's example-weighted average): ``mean(weighted_sum())``.
 
     ``delta = sum_i w_i delta_i / sum_i w_i`` with non-finite clients dropped
     (reported as ``num_nonfinite``). If every weight is zero the result is zero.
@@ -52,23 +136,7 @@ def weighted_mean() -> Aggregator:
       >>> state = agg.init(params)
       >>> state, delta, metrics = agg.aggregate(state, deltas, weights, key)
     """
-
-    def init(params: Params) -> EmptyState:
-        del params
-        return EmptyState()
-
-    def aggregate(state: PyTree, deltas: Params, weights: jax.Array, key: jax.Array):
-        del key
-        w, num_bad = sanitize(deltas, weights)
-        delta = tree.weighted_mean(deltas, w)
-        metrics = {
-            "num_nonfinite": num_bad,
-            "total_weight": jnp.sum(w),
-            "num_clients": jnp.sum(w > 0).astype(jnp.int32),
-        }
-        return state, delta, metrics
-
-    return Aggregator(init, aggregate)
+    return mean(weighted_sum())
 
 
 def uniform_mean() -> Aggregator:
@@ -88,10 +156,6 @@ def uniform_mean() -> Aggregator:
 
 
 def _coordinate_robust(reduce_fn) -> Aggregator:
-    def init(params: Params) -> EmptyState:
-        del params
-        return EmptyState()
-
     def aggregate(state: PyTree, deltas: Params, weights: jax.Array, key: jax.Array):
         del key
         w, num_bad = sanitize(deltas, weights)
@@ -103,14 +167,9 @@ def _coordinate_robust(reduce_fn) -> Aggregator:
             out = reduce_fn(xf)
             return jnp.where(jnp.any(valid), out, jnp.zeros_like(out)).astype(x.dtype)
 
-        metrics = {
-            "num_nonfinite": num_bad,
-            "total_weight": jnp.sum(w),
-            "num_clients": jnp.sum(valid).astype(jnp.int32),
-        }
-        return state, jax.tree.map(leaf, deltas), metrics
+        return state, jax.tree.map(leaf, deltas), _metrics(w, num_bad)
 
-    return Aggregator(init, aggregate)
+    return Aggregator(_init_empty, aggregate)
 
 
 def median() -> Aggregator:

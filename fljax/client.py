@@ -198,7 +198,9 @@ def train_locally(
             step_count = step_count + real.astype(jnp.float32)
             return (params, opt_state, loss_sum, step_count), None
 
-        carry, _ = jax.lax.scan(step, carry, (batches.x, batches.y, batches.mask, step_indices), unroll=unroll)
+        carry, _ = jax.lax.scan(
+            step, carry, (batches.x, batches.y, batches.mask, step_indices), unroll=unroll
+        )
         return carry, None
 
     zero = jnp.zeros((), jnp.float32)
@@ -251,15 +253,29 @@ def local_sgd(
         raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
 
     def build(performance: Performance) -> ClientUpdate:
-        grad_fn = gradient if gradient is not None else masked_mean_gradient(fast_apply(model, performance), loss_fn)
+        grad_fn = (
+            gradient
+            if gradient is not None
+            else masked_mean_gradient(fast_apply(model, performance), loss_fn)
+        )
 
         def client_update(server_params: Params, data: ClientData, key: jax.Array) -> ClientOutput:
             correct = None
             if proximal_mu:
-                correct = lambda g, p: jax.tree.map(lambda gi, pi, si: gi + proximal_mu * (pi - si), g, p, server_params)
+                correct = lambda g, p: jax.tree.map(
+                    lambda gi, pi, si: gi + proximal_mu * (pi - si), g, p, server_params
+                )
             params, loss, _ = train_locally(
-                grad_fn, optimizer, server_params, data, key, batch_size=batch_size, num_epochs=num_epochs,
-                max_steps=max_steps, unroll=performance.unroll, correct=correct,
+                grad_fn,
+                optimizer,
+                server_params,
+                data,
+                key,
+                batch_size=batch_size,
+                num_epochs=num_epochs,
+                max_steps=max_steps,
+                unroll=performance.unroll,
+                correct=correct,
             )
             n = jnp.sum(data.mask.astype(jnp.float32))
             delta = jax.tree.map(lambda s, p: s - p, server_params, params)
@@ -295,4 +311,3 @@ def local_gradient(
         return client_update
 
     return Configurable(build)
-

@@ -15,10 +15,13 @@ becomes a grouped convolution, which XLA:CPU runs far below its matmul speed,
 and the gradient of ``reduce_window`` max is a slow ``select_and_scatter``. The
 rewritten forms vmap into batched matmuls and elementwise selects.
 
-:func:`fljax.client.local_sgd` applies :func:`accelerate` to the model by
-default (``fljax.nn.set_impl("xla")`` turns it off; on GPU/TPU ``"auto"``
-keeps XLA's operations). A program without convolutions or max-pools is
-returned unchanged, so MLPs are not affected.
+The client updates of :mod:`fljax.client` apply :func:`accelerate` to the
+model by default, with the round's :class:`fljax.base.Performance`
+(``accelerate``, ``conv_impl``, ``conv_layout``): ``impl="auto"`` rewrites on
+CPU only (GPU/TPU keep XLA's operations), ``impl="xla"`` not at all. A program
+without convolutions or max-pools, or one already written with
+:mod:`fljax.nn`'s fast layers (the reference models in :mod:`fljax.models`),
+runs unchanged, so MLPs are not affected.
 """
 
 from __future__ import annotations
@@ -100,18 +103,19 @@ def _has_target(jaxpr) -> bool:
     return False
 
 
-def _rewrite_closed(closed):
+def _rewrite_closed(closed, layout: str):
     if not _has_target(closed.jaxpr):
         return closed
     avals = [v.aval for v in closed.jaxpr.invars]
-    return jax.make_jaxpr(lambda *a: _eval(closed.jaxpr, closed.consts, *a))(*avals)
+    return jax.make_jaxpr(lambda *a: _eval(closed.jaxpr, closed.consts, *a, layout=layout))(*avals)
 
 
-def _eval(jaxpr, consts, *args, grad_in=None):
+def _eval(jaxpr, consts, *args, layout: str, grad_in=None):
     """Evaluate ``jaxpr`` with the fast forms substituted. ``grad_in[i]``: whether
     ``jaxpr.invars[i]`` may be differentiated (default: all), followed through the
     program so that a convolution of data alone can be told apart (a performance
-    hint only, see :func:`fljax.nn.conv_general_dilated`'s ``input_grad``)."""
+    hint only, see :func:`fljax.nn.conv_general_dilated`'s ``input_grad``).
+    ``layout``: the convolutions' layout (:func:`fljax.nn.conv_general_dilated`)."""
     env: dict = {}
     grad_vars: set = set()
 
@@ -146,6 +150,7 @@ def _eval(jaxpr, consts, *args, grad_in=None):
                     p["precision"],
                     p["preferred_element_type"],
                     impl="matmul",
+                    layout=layout,
                     input_grad=in_grad[0],
                 )
             ]
@@ -157,7 +162,7 @@ def _eval(jaxpr, consts, *args, grad_in=None):
             and isinstance(p["jaxpr"], jcore.ClosedJaxpr)
             and _has_target(p["jaxpr"].jaxpr)
         ):
-            outvals = _eval(p["jaxpr"].jaxpr, p["jaxpr"].consts, *invals, grad_in=in_grad)
+            outvals = _eval(p["jaxpr"].jaxpr, p["jaxpr"].consts, *invals, layout=layout, grad_in=in_grad)
         else:
             if name in _CONTROL:
                 subs = _sub_closed(p)
@@ -165,9 +170,11 @@ def _eval(jaxpr, consts, *args, grad_in=None):
                     p = dict(p)
                     for k, i, c in subs:
                         if i is None:
-                            p[k] = _rewrite_closed(c)
+                            p[k] = _rewrite_closed(c, layout)
                         else:
-                            p[k] = tuple(_rewrite_closed(b) if j == i else b for j, b in enumerate(p[k]))
+                            p[k] = tuple(
+                                _rewrite_closed(b, layout) if j == i else b for j, b in enumerate(p[k])
+                            )
             bind_params = eqn.primitive.get_bind_params(p)
             subfuns: tuple = ()
             if isinstance(bind_params, tuple):  # older JAX: (subfuns, params)
@@ -185,15 +192,22 @@ def _eval(jaxpr, consts, *args, grad_in=None):
 
 
 def accelerate(
-    fn: Callable, *, impl: layers.Impl | None = None, argnums: int | Sequence[int] | None = 0
+    fn: Callable,
+    *,
+    impl: layers.Impl = "auto",
+    layout: layers.Layout = "auto",
+    argnums: int | Sequence[int] | None = 0,
 ) -> Callable:
     """``fn`` with its convolutions and non-overlapping max-pools in fast form.
 
     Args:
       fn: any function of arrays (pytrees), typically ``apply(params, x)``.
-      impl: ``"auto"`` (rewrite on CPU only), ``"matmul"`` (always rewrite) or
-        ``"xla"`` (return ``fn`` unchanged); default :func:`fljax.nn.get_impl`,
-        read when the returned function is traced.
+      impl: ``"auto"`` (rewrite on CPU only, the backend being read when the
+        returned function is traced), ``"matmul"`` (always rewrite) or ``"xla"``
+        (call ``fn`` unchanged).
+      layout: the rewritten convolutions' layout: ``"auto"``, ``"banded"``,
+        ``"channels_last"`` or ``"channels_first"`` (see
+        :func:`fljax.nn.conv_general_dilated`).
       argnums: the positional arguments that gradients are usually taken with
         respect to (default ``0``, the params of ``apply(params, x)``; ``None``:
         all). A performance hint only: a convolution whose input depends on none
@@ -203,16 +217,23 @@ def accelerate(
 
     Returns:
       A function with ``fn``'s signature, values and gradients (up to float
-      reassociation). It calls ``fn`` directly when there is nothing to rewrite.
+      reassociation). It calls ``fn`` directly when there is nothing to rewrite
+      (e.g. a model whose layers are already :mod:`fljax.nn`'s matmul forms).
+
+    Raises:
+      ValueError: for an unknown ``impl`` or ``layout`` (when ``accelerate`` is called).
 
     Examples:
-      >>> apply = fast.accelerate(models.LeNet().apply)
+      >>> apply = fast.accelerate(flax_model.apply, layout="channels_last")
       >>> logits = jax.vmap(apply, in_axes=(0, None))(cohort_params, x)
     """
 
+    layers.check_impl(impl)
+    layers.check_layout(layout)
+
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        if not layers._use_matmul(impl):
+        if not layers.use_matmul(impl):
             return fn(*args, **kwargs)
         leaves, in_tree = jax.tree.flatten((args, kwargs))
         dynamic = [i for i, x in enumerate(leaves) if isinstance(x, (jax.Array, np.ndarray, np.generic))]
@@ -237,7 +258,7 @@ def accelerate(
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*flat)
         if not _has_target(closed.jaxpr):
             return fn(*args, **kwargs)
-        out = _eval(closed.jaxpr, closed.consts, *flat, grad_in=grad_in)
+        out = _eval(closed.jaxpr, closed.consts, *flat, layout=layout, grad_in=grad_in)
         return jax.tree.unflatten(jax.tree.structure(out_shape), out)
 
     return wrapped

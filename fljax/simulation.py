@@ -422,6 +422,8 @@ def averaging_algorithm(
         return round_(state, cohort, key)
 
     def with_performance(performance: Performance) -> FederatedAlgorithm:
-        return averaging_algorithm(client_update, server_optimizer, aggregator=aggregator, performance=performance)
+        return averaging_algorithm(
+            client_update, server_optimizer, aggregator=aggregator, performance=performance
+        )
 
     return FederatedAlgorithm(init, update, with_performance)

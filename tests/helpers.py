@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import numpy as np
 import optax
@@ -16,7 +17,10 @@ NUM_CLASSES = 3
 def population(sizes, seed: int = 0) -> FederatedData:
     rng = np.random.default_rng(seed)
     clients = [
-        (rng.normal(size=(n, NUM_FEATURES)).astype(np.float32), rng.integers(0, NUM_CLASSES, n).astype(np.int32))
+        (
+            rng.normal(size=(n, NUM_FEATURES)).astype(np.float32),
+            rng.integers(0, NUM_CLASSES, n).astype(np.int32),
+        )
         for n in sizes
     ]
     return FederatedData.from_clients(clients, num_classes=NUM_CLASSES, allow_empty=True)
@@ -38,10 +42,9 @@ def local_sgd(**kw):
 
 
 def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+    # Leaf lists: same number of leaves, any containers (as before chex was used here).
+    chex.assert_trees_all_close(jax.tree.leaves(a), jax.tree.leaves(b), rtol=rtol, atol=atol)
 
 
 def assert_trees_equal(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    chex.assert_trees_all_equal(jax.tree.leaves(a), jax.tree.leaves(b))

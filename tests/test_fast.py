@@ -5,6 +5,7 @@ import importlib.util
 import json
 import pathlib
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,16 +17,17 @@ from jax import lax
 from fljax import client, fast, simulation
 from fljax import nn as fnn
 from fljax.algorithms import fedavg
-from fljax.base import ClientData, Cohort
+from fljax.base import ClientData, Cohort, Performance
 from fljax.models import zoo
 from fljax.nn import layers
+from tests import helpers
 
 TOL = dict(rtol=2e-4, atol=2e-5)
+DN = ("NHWC", "HWIO", "NHWC")
 
 
 def close(a, b, **tol):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **(tol or TOL))
+    helpers.assert_trees_close(a, b, **(tol or TOL))
 
 
 def primitives(fn, *args):
@@ -118,7 +120,9 @@ def test_auto_layout_is_banded_where_it_pays_and_im2col_elsewhere():
         return str(jax.make_jaxpr(conv)(x, w))
 
     # LeNet's convolutions (28 and 10 outputs wide, 5x5 kernels): one band, no tiles.
-    assert fnn.banded_pays(28, 5, rows_factor=5 * 3, cout=6) and fnn.banded_pays(10, 5, rows_factor=5 * 6, cout=16)
+    assert fnn.banded_pays(28, 5, rows_factor=5 * 3, cout=6) and fnn.banded_pays(
+        10, 5, rows_factor=5 * 6, cout=16
+    )
     assert fnn.band_tile(28, 5, rows_factor=5 * 3, cout=6) == 28
     assert jaxpr("auto", 32) == jaxpr("banded", 32) != jaxpr("channels_last", 32)
     # 224 wide: tiles of 22+ outputs keep the band narrow, so still banded.
@@ -130,8 +134,22 @@ def test_auto_layout_is_banded_where_it_pays_and_im2col_elsewhere():
     # Many channels: even a one-column tile's band would be too large.
     assert not fnn.banded_pays(28, 5, rows_factor=5 * 256, cout=256)
     assert jaxpr("auto", 32, 256, 256) == jaxpr("channels_last", 32, 256, 256)
-    with pytest.raises(ValueError, match="layout"):
-        fnn.set_layout("diagonal")
+
+
+def test_bad_layout_is_a_clear_error_everywhere():
+    x, w = jnp.zeros((1, 8, 8, 3)), jnp.zeros((3, 3, 3, 4))
+    match = "layout must be one of .*got 'diagonal'"
+    for impl in fnn.IMPLS:  # checked whichever implementation runs
+        with pytest.raises(ValueError, match=match):
+            fnn.conv_general_dilated(
+                x, w, (1, 1), "VALID", dimension_numbers=DN, impl=impl, layout="diagonal"
+            )
+    with pytest.raises(ValueError, match=match):
+        fnn.Conv(4, (3, 3), layout="diagonal")
+    with pytest.raises(ValueError, match=match):
+        fast.accelerate(lambda x: x, layout="diagonal")  # when accelerate is called, not traced
+    with pytest.raises(ValueError, match=match):
+        zoo.LeNet(conv_layout="diagonal").init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
 
 
 @pytest.mark.parametrize("min_columns", [1, 12])
@@ -167,26 +185,99 @@ def test_unsupported_conv_falls_back_to_xla(kwargs):
     assert "conv_general_dilated" in primitives(fn, x, w)
 
 
-def test_impl_setting():
+def test_impl_argument():
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
     w = jax.random.normal(jax.random.key(2), (3, 3, 3, 4))
     conv = lambda impl: (
-        lambda x, w: fnn.conv_general_dilated(
-            x, w, (1, 1), "VALID", impl=impl, dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
+        lambda x, w: fnn.conv_general_dilated(x, w, (1, 1), "VALID", impl=impl, dimension_numbers=DN)
     )
+    pool = lambda impl: lambda x: fnn.max_pool(x, (2, 2), (2, 2), impl=impl)
     assert "conv_general_dilated" in primitives(conv("xla"), x, w)
     assert "conv_general_dilated" not in primitives(conv("matmul"), x, w)
-    # "auto" is the matmul form on CPU.
+    assert "reduce_window_max" in primitives(pool("xla"), x)
+    assert "reduce_window_max" not in primitives(pool("matmul"), x)
+    # "auto" (the default) is the matmul form on CPU.
     assert "conv_general_dilated" not in primitives(conv("auto"), x, w)
-    with pytest.raises(ValueError, match="impl"):
-        fnn.set_impl("fastest")
-    old = fnn.get_impl()
-    try:
-        fnn.set_impl("xla")
-        assert "conv_general_dilated" in primitives(conv(None), x, w)
-    finally:
-        fnn.set_impl(old)
+    assert "reduce_window_max" not in primitives(pool("auto"), x)
+    assert str(jax.make_jaxpr(conv("auto"))(x, w)) == str(
+        jax.make_jaxpr(lambda x, w: fnn.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=DN))(
+            x, w
+        )
+    )
+    m = TinyCNN()
+    params = zoo.init_params(m, (8, 8, 3), jax.random.key(0))
+    assert "conv_general_dilated" in primitives(fast.accelerate(m.apply, impl="xla"), params, x)
+    assert "conv_general_dilated" not in primitives(fast.accelerate(m.apply), params, x)
+
+
+@pytest.mark.parametrize("impl", [None, "fastest", "XLA"])
+def test_bad_impl_is_a_clear_error_everywhere(impl):
+    x, w = jnp.zeros((1, 8, 8, 3)), jnp.zeros((3, 3, 3, 4))
+    match = f"impl must be one of .*got {impl!r}"
+    with pytest.raises(ValueError, match=match):
+        fnn.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=DN, impl=impl)
+    with pytest.raises(ValueError, match=match):
+        fnn.max_pool(x, (2, 2), (2, 2), impl=impl)
+    with pytest.raises(ValueError, match=match):
+        fnn.Conv(4, (3, 3), impl=impl)
+    with pytest.raises(ValueError, match=match):
+        fast.accelerate(lambda x: x, impl=impl)
+    with pytest.raises(ValueError, match=match):
+        zoo.LeNet(conv_impl=impl).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+def test_jitted_functions_with_different_impls_coexist():
+    # No hidden state: each jitted function keeps the choice it was given, whatever
+    # was compiled or called before it in the same process.
+    x = jax.random.normal(jax.random.key(1), (2, 10, 10, 3))
+    w = jax.random.normal(jax.random.key(2), (3, 3, 3, 4))
+
+    def net(impl, layout="auto"):
+        def f(x, w):
+            y = fnn.conv_general_dilated(
+                x, w, (1, 1), "VALID", dimension_numbers=DN, impl=impl, layout=layout
+            )
+            return fnn.max_pool(jnp.tanh(y), (2, 2), (2, 2), impl=impl)
+
+        return jax.jit(f)
+
+    f_xla, f_matmul, f_cl = net("xla"), net("matmul"), net("matmul", "channels_last")
+    first_xla = f_xla(x, w)
+    got = [f_matmul(x, w), f_cl(x, w), f_xla(x, w), f_matmul(x, w)]
+    for y in got:
+        close(y, first_xla)
+    assert "conv_general_dilated" in primitives(f_xla, x, w)
+    assert "conv_general_dilated" not in primitives(f_matmul, x, w)
+    assert str(jax.make_jaxpr(f_matmul)(x, w)) != str(jax.make_jaxpr(f_cl)(x, w))  # banded vs im2col
+    # The same through accelerate.
+    m = TinyCNN()
+    params = zoo.init_params(m, (10, 10, 3), jax.random.key(0))
+    applies = [jax.jit(fast.accelerate(m.apply, impl=impl)) for impl in ("xla", "matmul", "xla")]
+    outs = [apply(params, x) for apply in applies]
+    close(outs[1], outs[0])
+    np.testing.assert_array_equal(outs[2], outs[0])
+
+
+class ImplVariantsTest(chex.TestCase):
+    """Every implementation and layout, jitted or not, computes the same layers."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_layers_agree_across_impls_and_layouts(self):
+        x = jax.random.normal(jax.random.key(1), (2, 11, 9, 3))
+        m = fnn.Conv(5, (3, 3), strides=(1, 2), padding="SAME")
+        params = m.init(jax.random.key(0), x)
+        want = nn.max_pool(
+            nn.Conv(5, (3, 3), strides=(1, 2), padding="SAME").apply(params, x), (2, 2), (2, 2)
+        )
+        for impl in fnn.IMPLS:
+            for layout in fnn.LAYOUTS:
+                layer = m.clone(impl=impl, layout=layout)
+                f = self.variant(
+                    lambda p, x, layer=layer, impl=impl: fnn.max_pool(
+                        layer.apply(p, x), (2, 2), (2, 2), impl=impl
+                    )
+                )
+                chex.assert_trees_all_close(f(params, x), want, **TOL)
 
 
 def test_conv_module_matches_flax_conv():
@@ -250,8 +341,8 @@ def test_accelerate_values_gradients_and_vmap():
     close(got, want)
 
 
-def test_accelerate_rewrites_the_zoo_lenet():
-    m = small_lenet()
+def test_accelerate_rewrites_the_zoo_lenet_with_xla_layers():
+    m = zoo.LeNet(num_classes=5, conv_impl="xla")
     params = zoo.init_params(m, (16, 16, 3), jax.random.key(0))
     x = jnp.zeros((2, 2, 16, 16, 3))
     cohort_params = jax.tree.map(lambda p: jnp.stack([p, p]), params)
@@ -260,6 +351,24 @@ def test_accelerate_rewrites_the_zoo_lenet():
     assert "conv_general_dilated" not in names
     assert "reduce_window_max" not in names and "select_and_scatter_add" not in names
     assert "conv_general_dilated" in primitives(m.apply, params, x[0])
+
+
+def test_accelerate_finds_nothing_to_rewrite_in_the_default_zoo_lenet():
+    # The zoo's LeNet already uses fljax.nn's layers ("auto": matmul forms on CPU),
+    # so accelerate calls it unchanged, and it computes what the rewritten
+    # XLA-layer LeNet computes, bit for bit (same ops, same tile hints).
+    m = small_lenet()
+    params = zoo.init_params(m, (16, 16, 3), jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (3, 16, 16, 3))
+    names = primitives(m.apply, params, x)
+    assert "conv_general_dilated" not in names and "reduce_window_max" not in names
+    assert str(jax.make_jaxpr(fast.accelerate(m.apply))(params, x)) == str(jax.make_jaxpr(m.apply)(params, x))
+    rewritten = fast.accelerate(zoo.LeNet(num_classes=5, conv_impl="xla").apply)
+    loss = lambda apply: lambda p: jnp.sum(jnp.sin(apply(p, x)))
+    np.testing.assert_array_equal(jax.jit(m.apply)(params, x), jax.jit(rewritten)(params, x))
+    helpers.assert_trees_equal(
+        jax.jit(jax.grad(loss(m.apply)))(params), jax.jit(jax.grad(loss(rewritten)))(params)
+    )
 
 
 def test_accelerate_rewrites_inside_jit_and_scan_and_keeps_static_arguments():
@@ -317,11 +426,13 @@ def make_cohort(num_clients=4, num_examples=20, image=8, seed=0):
     )
 
 
-def round_result(cohort, chunk_size=None, mesh=None, **settings):
-    m = TinyCNN()
+def round_result(cohort, model=None, chunk_size=None, **settings):
+    """One FedAvg round of ``model`` (default :class:`TinyCNN`); ``settings`` are
+    :class:`fljax.base.Performance` fields."""
+    m = TinyCNN() if model is None else model
     params = zoo.init_params(m, (8, 8, 3), jax.random.key(0))
-    update = client.local_sgd(m, optax.sgd(0.05, momentum=0.9), batch_size=8, **settings)
-    algo = fedavg.fedavg(update, chunk_size=chunk_size, mesh=mesh)
+    update = client.local_sgd(m, optax.sgd(0.05, momentum=0.9), batch_size=8)
+    algo = fedavg.fedavg(update).with_performance(Performance(chunk_size=chunk_size, **settings))
     state, metrics = jax.jit(algo.update)(algo.init(params), cohort, jax.random.key(7))
     return state.params, metrics
 
@@ -381,16 +492,28 @@ def test_bench_round_quick(capsys):
             assert r["sec_per_round"] > 0 and r["examples_per_sec"] > 0 and r["bench"] == "seed_cifar"
 
 
+class FastTinyCNN(nn.Module):
+    """:class:`TinyCNN` written with fljax.nn's layers (same params), as the zoo's models are."""
+
+    impl: str = "auto"
+    layout: str = "auto"
+
+    @nn.compact
+    def __call__(self, x):
+        x = fnn.Conv(4, (3, 3), padding="VALID", impl=self.impl, layout=self.layout, input_grad=False)(x)
+        x = fnn.max_pool(nn.relu(x), (2, 2), (2, 2), impl=self.impl)
+        return nn.Dense(5)(x.reshape(x.shape[0], -1))
+
+
 @pytest.mark.parametrize("layout", ["banded", "channels_last", "channels_first"])
 def test_round_is_the_same_under_every_layout(layout):
     cohort = make_cohort()
     plain = round_result(cohort, accelerate=False)
-    old = fnn.get_layout()
-    try:
-        fnn.set_layout(layout)
-        close(round_result(cohort), plain)
-    finally:
-        fnn.set_layout(old)
+    # The layout given to the round (accelerate rewrites the flax model) ...
+    close(round_result(cohort, conv_impl="matmul", conv_layout=layout), plain)
+    # ... or to a model written with fljax.nn's layers (accelerate finds nothing to rewrite).
+    close(round_result(cohort, model=FastTinyCNN(impl="matmul", layout=layout), accelerate=False), plain)
+    close(round_result(cohort, model=FastTinyCNN(impl="matmul", layout=layout)), plain)
 
 
 def test_argnums_hint_tiles_first_layer_and_keeps_every_gradient_exact():

@@ -57,7 +57,9 @@ def _collect(rounds, ids, all_keys):
 
 def test_round_keys_are_re_derived_identically():
     k = random.run_key(3)
-    np.testing.assert_array_equal(_data(random.round_key(k, 7)), _data(random.round_key(random.run_key(3), 7)))
+    np.testing.assert_array_equal(
+        _data(random.round_key(k, 7)), _data(random.round_key(random.run_key(3), 7))
+    )
 
 
 def test_tags_and_indices_do_not_overlap():

@@ -73,7 +73,9 @@ def test_chunk_size_must_divide_cohort():
     params = helpers.params()
     _, cohort = _cohort([5, 9, 3])
     with pytest.raises(ValueError, match="divide"):
-        simulation.run_clients(helpers.local_sgd(), params, cohort, jax.random.key(0), Performance(chunk_size=2))[1]
+        simulation.run_clients(
+            helpers.local_sgd(), params, cohort, jax.random.key(0), Performance(chunk_size=2)
+        )[1]
 
 
 def test_client_randomness_follows_client_id_not_slot():

@@ -9,7 +9,7 @@ the repository) split IID into 1,000 clients of 60 training examples. Each
 round every client joins independently with probability 0.1 (Poisson sampling,
 expected cohort 100, padded to a fixed capacity), runs 1 local epoch of SGD
 (learning rate 0.1, batch 20) on a 784-100-10 MLP, and sends its delta. The
-server runs DP-FedAvg (``fljax.privacy.dp_aggregator``): each update clipped to
+server runs DP-FedAvg (``fljax.privacy.dp``): each update clipped to
 L2 norm 0.3 (about the median update norm at the start) with uniform client weights, Gaussian noise of std z * 0.3 added once
 to the sum, divided by the fixed expected cohort size 100, then applied with
 server SGD (learning rate 1, momentum 0.9, as DP-FedAvgM in McMahan et al.
@@ -42,7 +42,12 @@ def get_config() -> dict:
     return {
         "name": "dp_mnist",
         "seed": 0,
-        "data": {"path": str(DEFAULT_DATA), "num_clients": 1000, "examples_per_client": 60, "partition": "iid"},
+        "data": {
+            "path": str(DEFAULT_DATA),
+            "num_clients": 1000,
+            "examples_per_client": 60,
+            "partition": "iid",
+        },
         "model": {"name": "mlp", "hidden": (100,)},
         "client": {"learning_rate": 0.1, "batch_size": 20, "num_epochs": 1, "weighting": "uniform"},
         "server": {"learning_rate": 1.0, "momentum": 0.9},
@@ -87,8 +92,10 @@ def partition(y, num_clients: int, per_client: int, kind: str, seed: int):
         idx = idx[np.argsort(y[idx], kind="stable")]
         shard = per_client // 2
         order = rng.permutation(2 * num_clients)
-        return [np.concatenate([idx[s * shard : (s + 1) * shard] for s in order[2 * i : 2 * i + 2]])
-                for i in range(num_clients)]
+        return [
+            np.concatenate([idx[s * shard : (s + 1) * shard] for s in order[2 * i : 2 * i + 2]])
+            for i in range(num_clients)
+        ]
     raise ValueError(f"unknown partition {kind!r}")
 
 
@@ -102,12 +109,17 @@ def run_one(cfg: dict, data, test, noise_multiplier: float | None) -> dict:
     from fljax import random as fl_random
     from fljax.data import sampling
     from fljax.models import zoo
-    from fljax.privacy import DPConfig, PrivacyLedger, accounting, dp_aggregator, sample_cohort
+    from fljax.privacy import DPConfig, PrivacyLedger, accounting, dp, sample_cohort
 
     model = zoo.MLP(hidden=tuple(cfg["model"]["hidden"]), num_classes=10)
     c = cfg["client"]
-    update_fn = client.local_sgd(model, optax.sgd(c["learning_rate"]), batch_size=c["batch_size"],
-                                 num_epochs=c["num_epochs"], weighting=c["weighting"])
+    update_fn = client.local_sgd(
+        model,
+        optax.sgd(c["learning_rate"]),
+        batch_size=c["batch_size"],
+        num_epochs=c["num_epochs"],
+        weighting=c["weighting"],
+    )
     population = data.num_clients
     dp_cfg = DPConfig(
         clip_norm=cfg["dp"]["clip_norm"] if noise_multiplier is not None else math.inf,
@@ -116,7 +128,7 @@ def run_one(cfg: dict, data, test, noise_multiplier: float | None) -> dict:
         cohort_size=cfg["dp"]["cohort_size"],
         sampling=cfg["dp"]["sampling"],
     )
-    agg = dp_aggregator(dp_cfg) if noise_multiplier is not None else aggregators.weighted_mean()
+    agg = dp(dp_cfg) if noise_multiplier is not None else aggregators.weighted_mean()
     server_opt = optax.sgd(cfg["server"]["learning_rate"], momentum=cfg["server"]["momentum"])
     algo = simulation.averaging_algorithm(update_fn, server_opt, aggregator=agg)
     run_key = fl_random.run_key(cfg["seed"])
@@ -143,10 +155,15 @@ def run_one(cfg: dict, data, test, noise_multiplier: float | None) -> dict:
         eps = ledger.step(1) if ledger is not None else (math.inf if noise_multiplier is None else math.inf)
         eps_curve.append(eps)
         if (r + 1) % cfg["eval_every"] == 0 or r + 1 == cfg["rounds"]:
-            curve.append({"round": r + 1, "test_accuracy": float(accuracy(state.params)),
-                          "train_loss": float(metrics["client_train_loss"]),
-                          "num_clients": int(metrics["num_clients"]),
-                          "num_clipped": int(metrics.get("num_clipped", jnp.int32(0)))})
+            curve.append(
+                {
+                    "round": r + 1,
+                    "test_accuracy": float(accuracy(state.params)),
+                    "train_loss": float(metrics["client_train_loss"]),
+                    "num_clients": int(metrics["num_clients"]),
+                    "num_clipped": int(metrics.get("num_clipped", jnp.int32(0))),
+                }
+            )
     seconds = time.time() - t0
     out = {
         "label": "non-private" if noise_multiplier is None else f"z={noise_multiplier:g}",
@@ -184,12 +201,21 @@ def run_sweep(cfg: dict, out_dir: pathlib.Path, name: str | None = None) -> list
     for z in sweep:
         res = run_one(cfg, data, test, z)
         runs.append(res)
-        print(json.dumps({k: res[k] for k in ("label", "final_test_accuracy", "epsilon", "seconds")}), flush=True)
+        print(
+            json.dumps({k: res[k] for k in ("label", "final_test_accuracy", "epsilon", "seconds")}),
+            flush=True,
+        )
     total = time.time() - t0
     out_dir.mkdir(parents=True, exist_ok=True)
     delta = 1.0 / d["num_clients"]
-    payload = {"config": cfg, "delta": delta, "total_seconds": total, "cpu_count": os.cpu_count(),
-               "jax": jax.__version__, "runs": runs}
+    payload = {
+        "config": cfg,
+        "delta": delta,
+        "total_seconds": total,
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "runs": runs,
+    }
     (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
     write_table(payload, out_dir / f"{name}.md")
     plot(payload, out_dir / f"{name}.png")
@@ -216,10 +242,16 @@ def write_table(payload: dict, path: pathlib.Path) -> None:
         z = "-" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:g}"
         eps = "inf" if math.isinf(r["epsilon"]) else f"{r['epsilon']:.2f}"
         pld = f"{r['epsilon_pld']:.2f}" if "epsilon_pld" in r else "inf"
-        lines.append(f"| {r['label']} | {z} | {eps} | {pld} | {r['final_test_accuracy']:.4f} | {r['seconds']:.0f} |")
-    lines += ["", f"Total {payload['total_seconds']:.0f} s on {payload['cpu_count']} CPU cores (shared), "
-              f"jax {payload['jax']}. z = 0 clips but adds no noise (not private). "
-              "Command: `.venv/bin/python experiments/configs/dp_mnist.py`.", ""]
+        lines.append(
+            f"| {r['label']} | {z} | {eps} | {pld} | {r['final_test_accuracy']:.4f} | {r['seconds']:.0f} |"
+        )
+    lines += [
+        "",
+        f"Total {payload['total_seconds']:.0f} s on {payload['cpu_count']} CPU cores (shared), "
+        f"jax {payload['jax']}. z = 0 clips but adds no noise (not private). "
+        "Command: `.venv/bin/python experiments/configs/dp_mnist.py`.",
+        "",
+    ]
     path.write_text("\n".join(lines))
 
 
@@ -234,13 +266,24 @@ def plot(payload: dict, path: pathlib.Path) -> None:
     for r in payload["runs"]:
         if not r["noise_multiplier"]:
             style = "--" if r["noise_multiplier"] is None else ":"
-            ax1.axhline(r["final_test_accuracy"], linestyle=style, color="gray", label=r["label"] + " (eps = inf)")
+            ax1.axhline(
+                r["final_test_accuracy"], linestyle=style, color="gray", label=r["label"] + " (eps = inf)"
+            )
     if private:
-        ax1.plot([r["epsilon"] for r in private], [r["final_test_accuracy"] for r in private], "o-",
-                 label="DP-FedAvg (RDP epsilon)")
+        ax1.plot(
+            [r["epsilon"] for r in private],
+            [r["final_test_accuracy"] for r in private],
+            "o-",
+            label="DP-FedAvg (RDP epsilon)",
+        )
         for r in private:
-            ax1.annotate(r["label"], (r["epsilon"], r["final_test_accuracy"]), textcoords="offset points",
-                         xytext=(4, -10), fontsize=8)
+            ax1.annotate(
+                r["label"],
+                (r["epsilon"], r["final_test_accuracy"]),
+                textcoords="offset points",
+                xytext=(4, -10),
+                fontsize=8,
+            )
         ax1.set_xscale("log")
     ax1.set_xlabel(f"epsilon at delta = {payload['delta']:.3g} (one client)")
     ax1.set_ylabel("test accuracy")

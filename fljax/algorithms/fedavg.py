@@ -38,4 +38,6 @@ def fedavg(
       >>> state = algo.init(params)
       >>> state, metrics = jax.jit(algo.update)(state, cohort, key)
     """
-    return simulation.averaging_algorithm(client_update, optax.sgd(server_learning_rate), aggregator=aggregator)
+    return simulation.averaging_algorithm(
+        client_update, optax.sgd(server_learning_rate), aggregator=aggregator
+    )

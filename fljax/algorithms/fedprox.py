@@ -30,4 +30,6 @@ def fedprox(
     aggregator: Aggregator | None = None,
 ) -> FederatedAlgorithm:
     """FedProx's round: FedAvg's server over clients built by :func:`proximal_client`."""
-    return simulation.averaging_algorithm(client_update, optax.sgd(server_learning_rate), aggregator=aggregator)
+    return simulation.averaging_algorithm(
+        client_update, optax.sgd(server_learning_rate), aggregator=aggregator
+    )

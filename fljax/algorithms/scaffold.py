@@ -75,8 +75,14 @@ def scaffold_client(
     """
     if not learning_rate > 0:
         raise ValueError(f"learning_rate must be positive, got {learning_rate}")
-    client.local_sgd(model, optax.sgd(learning_rate), batch_size=batch_size, num_epochs=num_epochs,
-                     weighting=weighting, max_steps=max_steps)  # validates the options
+    client.local_sgd(
+        model,
+        optax.sgd(learning_rate),
+        batch_size=batch_size,
+        num_epochs=num_epochs,
+        weighting=weighting,
+        max_steps=max_steps,
+    )  # validates the options
     optimizer = optax.sgd(learning_rate)
 
     def build(performance: Performance):
@@ -86,13 +92,24 @@ def scaffold_client(
             x, c = broadcast
             correct = lambda g, p: jax.tree.map(lambda gi, ci, si: gi - ci + si, g, c_i, c)
             y, loss, steps = client.train_locally(
-                grad_fn, optimizer, x, data, key, batch_size=batch_size, num_epochs=num_epochs,
-                max_steps=max_steps, unroll=performance.unroll, correct=correct,
+                grad_fn,
+                optimizer,
+                x,
+                data,
+                key,
+                batch_size=batch_size,
+                num_epochs=num_epochs,
+                max_steps=max_steps,
+                unroll=performance.unroll,
+                correct=correct,
             )
             scale = jnp.where(steps > 0, 1.0 / (jnp.maximum(steps, 1.0) * learning_rate), 0.0)
             new_c_i = jax.tree.map(
                 lambda ci, si, xi, yi: jnp.where(steps > 0, ci - si + (xi - yi) * scale.astype(xi.dtype), ci),
-                c_i, c, x, y,
+                c_i,
+                c,
+                x,
+                y,
             )
             delta = (jax.tree.map(jnp.subtract, x, y), jax.tree.map(jnp.subtract, new_c_i, c_i))
             n = jnp.sum(data.mask.astype(jnp.float32))
@@ -101,7 +118,9 @@ def scaffold_client(
 
         return update
 
-    return StatefulClientUpdate(lambda params: jax.tree.map(jnp.zeros_like, params), client.Configurable(build))
+    return StatefulClientUpdate(
+        lambda params: jax.tree.map(jnp.zeros_like, params), client.Configurable(build)
+    )
 
 
 def scaffold(
@@ -153,8 +172,9 @@ def _scaffold(client_update, population_size, server_learning_rate, aggregator, 
         frac = participating / jnp.float32(population_size)
         control = jax.tree.map(lambda c, d: c + d * frac.astype(d.dtype), state.control, dc)
         metrics = simulation.client_metrics(out) | metrics | {"delta_norm": optax.tree.norm(dx)}
-        new = ScaffoldState(optax.apply_updates(state.params, updates), opt_state, agg_state, state.round + 1,
-                            control, states)
+        new = ScaffoldState(
+            optax.apply_updates(state.params, updates), opt_state, agg_state, state.round + 1, control, states
+        )
         return new, metrics
 
     def with_performance(performance: Performance) -> FederatedAlgorithm:

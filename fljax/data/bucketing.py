@@ -30,9 +30,9 @@ also caps the padded length; larger clients keep a fixed random subset, see
 
 Examples:
   >>> p = bucketing.plan(data.sizes, batch_size=20, num_buckets=12)
-  >>> algo = simulation.bucketed_algorithm(client.local_sgd(model, optax.sgd(0.1), batch_size=20), optax.sgd(1.0))
+  >>> algo = fedavg.fedavg(client.local_sgd(model, optax.sgd(0.1), batch_size=20))
   >>> cohorts = bucketing.split(data, ids, mask, p)
-  >>> state, metrics = algo.update(state, cohorts, key)
+  >>> state, metrics = algo.update(state, tuple(cohorts), key)   # a tuple of cohorts: size buckets
 """
 
 from __future__ import annotations
@@ -236,7 +236,7 @@ def merge(cohorts: Sequence[Cohort]) -> list[Cohort]:
     """Concatenate the calls of :func:`split` that share a padded length: one
     :class:`Cohort` per bucket length, shortest first.
 
-    With ``bucketed_algorithm(..., chunk_size=slots)`` and the same ``slots``
+    With ``Performance(chunk_size=slots)`` on the round and the same ``slots``
     given to :func:`split`, every merged bucket divides into chunks, and
     ``jax.jit(algo.update)(state, merge(cohorts), key)`` is the whole round as
     ONE jitted computation (a ``lax.map`` over chunks per bucket length). Its

@@ -42,7 +42,9 @@ class ClientStates:
             raise ValueError(f"num_clients must be positive, got {num_clients}")
         leaves, self._treedef = jax.tree.flatten(template)
         if not leaves:
-            raise ValueError("the client state template has no arrays; a stateless update needs no ClientStates")
+            raise ValueError(
+                "the client state template has no arrays; a stateless update needs no ClientStates"
+            )
         self._template = [np.asarray(x) for x in leaves]
         self._leaves = []
         for x in self._template:
@@ -116,6 +118,8 @@ class ClientStates:
             raise ValueError("a client appears twice in the cohort; its state update would be ambiguous")
         for full, x in zip(self._leaves, new, strict=True):
             if x.shape != (len(ids),) + full.shape[1:]:
-                raise ValueError(f"client state of shape {x.shape} does not match [{len(ids)}] + {full.shape[1:]}")
+                raise ValueError(
+                    f"client state of shape {x.shape} does not match [{len(ids)}] + {full.shape[1:]}"
+                )
             full[rows] = np.asarray(x)[write]
         return state._replace(client_states=())

@@ -1,10 +1,17 @@
 """Reference models (flax linen): the founding LeNet CNN, an MLP, logistic regression.
 
 Each takes a batch ``x[batch, ...]`` and returns logits ``[batch, num_classes]``.
+
+Convolutions and max-pools are :mod:`fljax.nn`'s layers, called explicitly
+(same params as ``flax.linen.Conv``): ``conv_impl`` and ``conv_layout`` choose
+their implementation (``"auto"``: the matmul forms on CPU, XLA's operations on
+GPU/TPU) and layout, as arguments, so :func:`fljax.fast.accelerate` finds
+nothing left to rewrite in these models.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -12,22 +19,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fljax import nn as fnn
+
 
 class LeNet(nn.Module):
     """The founding example's LeNet-5 CNN for 32x32x3 images (62,006 parameters at 10 classes).
 
     Conv(6, 5x5, VALID)-ReLU-MaxPool2-Conv(16, 5x5, VALID)-ReLU-MaxPool2-Flatten-
     Dense(120)-ReLU-Dense(84)-ReLU-Dense(num_classes).
+
+    Attributes:
+      num_classes: logits per example.
+      conv_impl: ``"auto"``, ``"matmul"`` or ``"xla"`` for the convolutions and
+        max-pools (:func:`fljax.nn.conv_general_dilated`); same values either way
+        up to float reassociation.
+      conv_layout: the matmul form's layout (``"auto"``, ``"banded"``,
+        ``"channels_last"`` or ``"channels_first"``).
     """
 
     num_classes: int = 10
+    conv_impl: str = "auto"
+    conv_layout: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nn.Conv(6, (5, 5), padding="VALID")(x)
-        x = nn.max_pool(nn.relu(x), (2, 2), (2, 2))
-        x = nn.Conv(16, (5, 5), padding="VALID")(x)
-        x = nn.max_pool(nn.relu(x), (2, 2), (2, 2))
+        conv = functools.partial(fnn.Conv, padding="VALID", impl=self.conv_impl, layout=self.conv_layout)
+        pool = functools.partial(fnn.max_pool, window_shape=(2, 2), strides=(2, 2), impl=self.conv_impl)
+        # The first convolution sees the data: no input gradient (a tile-size hint only).
+        x = pool(nn.relu(conv(6, (5, 5), input_grad=False)(x)))
+        x = pool(nn.relu(conv(16, (5, 5))(x)))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(120)(x))
         x = nn.relu(nn.Dense(84)(x))

@@ -20,34 +20,40 @@ Both functions compute the same values and gradients as the XLA operations they
 replace (up to float reassociation; max-pool ties go to the first maximum in
 the window, as ``select_and_scatter`` does). Configurations they do not cover
 (grouped or input-dilated convolutions, overlapping or padded pools) fall back
-to the XLA operation. The implementation is chosen per backend: ``"auto"``
-uses the matmul form on CPU and XLA's own convolution on GPU/TPU.
+to the XLA operation.
+
+The choices are arguments, never module state: ``impl="auto"`` (the default)
+uses the matmul form on CPU and XLA's own operations on GPU/TPU, ``"matmul"``
+and ``"xla"`` force one; ``layout`` picks the matmul form's layout (default
+``"auto"``). :class:`Conv` takes them as fields, :func:`fljax.fast.accelerate`
+as keywords, and the reference models in :mod:`fljax.models` as
+``conv_impl``/``conv_layout``.
 """
 
 from fljax.nn.layers import (
+    IMPLS,
+    LAYOUTS,
     Conv,
+    Impl,
+    Layout,
     band_tile,
     banded_pays,
     conv_general_dilated,
-    get_impl,
-    get_layout,
     max_pool,
-    set_impl,
-    set_layout,
     supports_conv,
     supports_pool,
 )
 
 __all__ = [
+    "IMPLS",
+    "LAYOUTS",
     "Conv",
+    "Impl",
+    "Layout",
     "band_tile",
     "banded_pays",
     "conv_general_dilated",
-    "get_impl",
-    "get_layout",
     "max_pool",
-    "set_impl",
-    "set_layout",
     "supports_conv",
     "supports_pool",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -13,11 +13,9 @@ import numpy as np
 from jax import lax
 
 Impl = Literal["auto", "matmul", "xla"]
-_IMPLS = ("auto", "matmul", "xla")
-_impl: list[str] = ["auto"]
+IMPLS = ("auto", "matmul", "xla")
 Layout = Literal["auto", "banded", "channels_last", "channels_first"]
-_LAYOUTS = ("auto", "banded", "channels_last", "channels_first")
-_layout: list[str] = ["auto"]
+LAYOUTS = ("auto", "banded", "channels_last", "channels_first")
 
 # "auto" picks the banded form when its weight matrix stays small and its extra
 # multiplications (a factor of about tile width / kernel width) stay few; see
@@ -27,31 +25,6 @@ BANDED_MAX_WIDTH_RATIO = 8.0
 BANDED_MAX_ELEMENTS = 1 << 20
 BANDED_MIN_COLUMNS = 128
 BANDED_MIN_COLUMNS_NO_INPUT_GRAD = 24
-
-
-def set_layout(layout: Layout) -> None:
-    """Choose how the matmul form lays out a convolution (a performance setting; same
-    result up to float reassociation).
-
-    * ``"banded"``: the input's rows (all spatial dims but the last, unfolded by
-      the kernel) times a banded weight matrix that slides the kernel along the
-      last spatial dim: ``[N, *out[:-1], K'*W*C] @ [K'*W*C, out[-1]*O]``. The
-      unfolded input is ``K'`` times the input instead of ``prod(kernel)`` times,
-      at the price of ``W / kernel[-1]`` times the multiplications. Fastest for
-      small images and few channels (LeNet: 2x the im2col round on CPU).
-    * ``"channels_last"``: im2col, patches ``[N, *out, K*C] @ W``.
-    * ``"channels_first"``: im2col, ``W^T @`` patches ``[K*C, N, *out]``.
-    * ``"auto"`` (default): ``"banded"`` where :func:`banded_pays`, else
-      ``"channels_last"``.
-    """
-    if layout not in _LAYOUTS:
-        raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
-    _layout[0] = layout
-
-
-def get_layout() -> str:
-    """The matmul form's layout (see :func:`set_layout`)."""
-    return _layout[0]
 
 
 def banded_pays(
@@ -89,27 +62,23 @@ def _band_pays(tile: int, kernel_width: int, stride: int, dilation: int, rows_fa
     )
 
 
-def set_impl(impl: Impl) -> None:
-    """Choose the implementation used by default.
-
-    Args:
-      impl: ``"auto"`` (matmul form on CPU, XLA's operations on GPU/TPU),
-        ``"matmul"`` (always the matmul/maxima form) or ``"xla"`` (always XLA's).
-    """
-    if impl not in _IMPLS:
-        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
-    _impl[0] = impl
+def check_impl(impl: str) -> None:
+    """Raise a ``ValueError`` naming ``impl`` unless it is one of :data:`IMPLS`."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
-def get_impl() -> str:
-    """The default implementation (see :func:`set_impl`)."""
-    return _impl[0]
+def check_layout(layout: str) -> None:
+    """Raise a ``ValueError`` naming ``layout`` unless it is one of :data:`LAYOUTS`."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
-def _use_matmul(impl: str | None) -> bool:
-    impl = get_impl() if impl is None else impl
-    if impl not in _IMPLS:
-        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+def use_matmul(impl: str) -> bool:
+    """Whether ``impl`` selects the matmul/maxima forms on the default backend:
+    ``"matmul"`` always, ``"auto"`` on CPU only, ``"xla"`` never. Raises a
+    ``ValueError`` for any other value."""
+    check_impl(impl)
     if impl == "auto":
         return jax.default_backend() == "cpu"
     return impl == "matmul"
@@ -347,8 +316,8 @@ def conv_general_dilated(
     precision: Any = None,
     preferred_element_type: Any = None,
     *,
-    impl: Impl | None = None,
-    layout: Layout | None = None,
+    impl: Impl = "auto",
+    layout: Layout = "auto",
     input_grad: bool = True,
 ) -> jax.Array:
     """Drop-in for ``lax.conv_general_dilated``, as strided slices + one matmul.
@@ -356,7 +325,7 @@ def conv_general_dilated(
     Im2col layouts: the patches are ``prod(kernel_size)`` strided slices of the
     (padded) input concatenated along the channels, times the reshaped kernel.
     Banded layout: the input unfolded over all spatial dims but the last, times
-    a banded matrix built from the kernel (see :func:`set_layout`). Either way,
+    a banded matrix built from the kernel (``layout`` below). Either way,
     under ``jax.vmap`` over per-client kernels this is one batched matmul across
     clients, where XLA would emit a grouped convolution. Gradients are those of
     slices, a concatenation and matmuls (pads and matmuls).
@@ -365,10 +334,23 @@ def conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
       dimension_numbers, feature_group_count, batch_group_count, precision,
       preferred_element_type: as in ``lax.conv_general_dilated``.
-      impl: ``"auto"``, ``"matmul"`` or ``"xla"``; default :func:`get_impl`.
+      impl: ``"auto"`` (the matmul form on CPU, XLA's convolution on GPU/TPU),
+        ``"matmul"`` (always the matmul form) or ``"xla"`` (always XLA's).
         Configurations outside :func:`supports_conv` always use XLA.
-      layout: ``"auto"``, ``"banded"``, ``"channels_last"`` or ``"channels_first"``
-        (see :func:`set_layout`); default :func:`get_layout`.
+      layout: how the matmul form lays the convolution out (a performance
+        choice; same result up to float reassociation):
+
+        * ``"banded"``: the input's rows (all spatial dims but the last,
+          unfolded by the kernel) times a banded weight matrix that slides the
+          kernel along the last spatial dim:
+          ``[N, *out[:-1], K'*W*C] @ [K'*W*C, out[-1]*O]``. The unfolded input
+          is ``K'`` times the input instead of ``prod(kernel)`` times, at the
+          price of ``W / kernel[-1]`` times the multiplications. Fastest for
+          small images and few channels (LeNet: 2x the im2col round on CPU).
+        * ``"channels_last"``: im2col, patches ``[N, *out, K*C] @ W``.
+        * ``"channels_first"``: im2col, ``W^T @`` patches ``[K*C, N, *out]``.
+        * ``"auto"``: ``"banded"`` where :func:`banded_pays`, else
+          ``"channels_last"``.
       input_grad: a performance hint, ``False`` when no gradient with respect
         to ``lhs`` will be taken (a first layer on data): the banded form may
         then use narrower tiles (:func:`band_tile`). Results and gradients are
@@ -390,7 +372,8 @@ def conv_general_dilated(
         precision=precision,
         preferred_element_type=preferred_element_type,
     )
-    if not _use_matmul(impl):
+    check_layout(layout)
+    if not use_matmul(impl):
         return xla()
     if not supports_conv(
         lhs.shape,
@@ -405,9 +388,6 @@ def conv_general_dilated(
     ):
         return xla()
     dn = _dim_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    layout = get_layout() if layout is None else layout
-    if layout not in _LAYOUTS:
-        raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
     strides = tuple(window_strides)
     x, w, rd, out_sp = _channels_last_padded(lhs, rhs, strides, padding, rhs_dilation, dn)
     if layout == "channels_first":
@@ -466,16 +446,22 @@ def max_pool(
     strides: Sequence[int] | None = None,
     padding: str | Sequence[tuple[int, int]] = "VALID",
     *,
-    impl: Impl | None = None,
+    impl: Impl = "auto",
 ) -> jax.Array:
     """Drop-in for ``flax.linen.max_pool`` (inputs ``[..., *spatial, features]``).
 
     Non-overlapping, unpadded windows are computed as pairwise maxima of strided
     slices (elementwise work, with an elementwise gradient); other
-    configurations, or ``impl="xla"``, use ``flax.linen.max_pool``.
+    configurations use ``flax.linen.max_pool``.
+
+    Args:
+      inputs, window_shape, strides, padding: as in ``flax.linen.max_pool``.
+      impl: ``"auto"`` (pairwise maxima on CPU, ``flax.linen.max_pool`` on
+        GPU/TPU), ``"matmul"`` (always pairwise maxima) or ``"xla"`` (always
+        ``flax.linen.max_pool``).
     """
     window_shape = tuple(window_shape)
-    if not _use_matmul(impl) or not supports_pool(window_shape, strides, padding):
+    if not use_matmul(impl) or not supports_pool(window_shape, strides, padding):
         return nn.max_pool(inputs, window_shape, strides=strides, padding=padding)
     if inputs.ndim < len(window_shape) + 1:
         raise ValueError(f"max_pool needs inputs [..., *spatial, features], got {inputs.shape}")
@@ -483,7 +469,42 @@ def max_pool(
     return window_max(inputs, (1,) * first + window_shape + (1,))
 
 
-class Conv(nn.Conv):
-    """``flax.linen.Conv`` whose convolution is :func:`conv_general_dilated` (same params and init)."""
+class _ConvFn(NamedTuple):
+    """:func:`conv_general_dilated` with its keyword choices bound (compares by value)."""
 
-    conv_general_dilated: Any = staticmethod(conv_general_dilated)
+    impl: str
+    layout: str
+    input_grad: bool
+
+    def __call__(self, *args, **kwargs) -> jax.Array:
+        return conv_general_dilated(
+            *args, **kwargs, impl=self.impl, layout=self.layout, input_grad=self.input_grad
+        )
+
+
+class Conv(nn.Conv):
+    """``flax.linen.Conv`` whose convolution is :func:`conv_general_dilated` (same params and init).
+
+    Attributes:
+      impl: ``"auto"``, ``"matmul"`` or ``"xla"``, as in :func:`conv_general_dilated`.
+      layout: ``"auto"``, ``"banded"``, ``"channels_last"`` or ``"channels_first"``,
+        as in :func:`conv_general_dilated`.
+      input_grad: performance hint, as in :func:`conv_general_dilated`: ``False``
+        for a layer whose input is data (no gradient is usually taken with respect
+        to it). Results and gradients are the same either way.
+
+    Examples:
+      >>> y = Conv(6, (5, 5), padding="VALID", impl="matmul").apply(params, x)
+    """
+
+    impl: Impl = "auto"
+    layout: Layout = "auto"
+    input_grad: bool = True
+
+    def __post_init__(self) -> None:
+        check_impl(self.impl)
+        check_layout(self.layout)
+        # flax.linen.Conv convolves with ``self.conv_general_dilated`` when it is set;
+        # bound here from the fields on every construction, so clones stay in step.
+        object.__setattr__(self, "conv_general_dilated", _ConvFn(self.impl, self.layout, self.input_grad))
+        super().__post_init__()

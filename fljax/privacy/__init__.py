@@ -2,8 +2,9 @@
 
 One config object builds both sides, so noise and epsilon cannot drift:
 
-* :class:`DPConfig` -> :func:`dp_aggregator` (client-level DP-FedAvg, adaptive
-  clipping, simulated noise cohort) and :func:`accounting.dp_event`;
+* :class:`DPConfig` -> :func:`dp` (client-level DP-FedAvg around any sum, e.g.
+  ``dp(cfg, sum=secagg.secure_sum(sa))``; adaptive clipping, simulated noise
+  cohort) and :func:`accounting.dp_event`;
 * :class:`DPSGDConfig` -> :func:`dp_sgd_client` / :func:`dp_sgd_gradient`
   (example-level DP-SGD inside a client) and :func:`accounting.dp_event`.
 
@@ -19,21 +20,21 @@ from fljax.privacy.accounting import (
     epsilon,
     summary,
 )
-from fljax.privacy.aggregation import DPAggregatorState, dp_aggregator, sample_cohort
+from fljax.privacy.aggregation import DPState, dp, sample_cohort
 from fljax.privacy.config import DPConfig, DPSGDConfig, expected_capped_weight
 from fljax.privacy.dp_sgd import dp_sgd_client, dp_sgd_gradient, per_example_gradients
 
 __all__ = [
-    "DPAggregatorState",
     "DPConfig",
     "DPSGDConfig",
+    "DPState",
     "PrivacyBudgetExceededError",
     "PrivacyLedger",
     "accounting",
     "aggregation",
     "calibrate_noise_multiplier",
     "config",
-    "dp_aggregator",
+    "dp",
     "dp_event",
     "dp_sgd",
     "dp_sgd_client",

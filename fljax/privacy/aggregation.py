@@ -1,6 +1,7 @@
 """Client-level DP aggregation: DP-FedAvg's clipped, noised sum, with adaptive clipping.
 
-:func:`dp_aggregator` turns a :class:`~fljax.privacy.config.DPConfig` into an
+:func:`dp` turns a :class:`~fljax.privacy.config.DPConfig` and any inner sum
+(plain, or secure aggregation: ``dp(cfg, sum=secagg.secure_sum(sa))``) into an
 :class:`~fljax.base.Aggregator`; :func:`fljax.privacy.accounting.dp_event` turns
 the SAME config into the accounting event, so noise and epsilon cannot drift.
 
@@ -19,6 +20,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -26,22 +28,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fljax import aggregators, tree
 from fljax import random as fl_random
-from fljax import tree
 from fljax.base import Aggregator, Params, PyTree
 from fljax.data import sampling
 from fljax.privacy.config import DPConfig
 
 
-class DPAggregatorState(NamedTuple):
-    """State of :func:`dp_aggregator`.
+class DPState(NamedTuple):
+    """State of :func:`dp`.
 
     Attributes:
       clip_norm: ``[]`` float32, the clip norm the next round uses (constant
         unless adaptive clipping is on).
+      sum_state: the inner sum's state (``EmptyState()`` for the plain and
+        secure sums).
     """
 
     clip_norm: jax.Array
+    sum_state: PyTree
 
 
 def bounded_weights(weights: jax.Array, config: DPConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -66,29 +71,6 @@ def bounded_weights(weights: jax.Array, config: DPConfig) -> tuple[jax.Array, ja
     return b.astype(jnp.float32), participating, valid
 
 
-def clip_factors(deltas: Params, clip_norm: jax.Array, scheme: str) -> tuple[PyTree, jax.Array]:
-    """Per-client (flat) or per-client-per-leaf (per-layer) clip factors, and the flat norms.
-
-    ``"flat"``: one factor ``min(1, C / ||delta_i||)`` per client (one global-norm
-    pass). ``"per_layer"``: leaf ``l`` of client ``i`` gets ``min(1, C_l /
-    ||delta_i^l||)`` with ``C_l = C / sqrt(L)``, so the whole update has norm <= C.
-
-    Returns:
-      ``(factors, norms)``: factors is a ``[clients]`` array (flat) or a list of
-      ``[clients]`` arrays, one per leaf (per-layer); norms are the unclipped
-      whole-update norms ``[clients]``.
-    """
-    tiny = jnp.finfo(jnp.float32).tiny
-    leaves = jax.tree.leaves(deltas)
-    sq = [jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1), axis=1) for x in leaves]
-    norms = jnp.sqrt(sum(sq))
-    c = jnp.asarray(clip_norm, jnp.float32)
-    if scheme == "flat":
-        return jnp.minimum(1.0, c / jnp.maximum(norms, tiny)), norms
-    c_leaf = c / jnp.float32(math.sqrt(len(leaves)))
-    return [jnp.minimum(1.0, c_leaf / jnp.maximum(jnp.sqrt(s), tiny)) for s in sq], norms
-
-
 def gaussian_noise(template: Params, std: jax.Array | float, key: jax.Array) -> Params:
     """Independent ``N(0, std^2)`` noise shaped like ``template`` (one unbatched pytree)."""
     leaves, treedef = jax.tree.flatten(template)
@@ -100,8 +82,8 @@ def gaussian_noise(template: Params, std: jax.Array | float, key: jax.Array) -> 
     return jax.tree.unflatten(treedef, noise)
 
 
-def dp_aggregator(config: DPConfig) -> Aggregator:
-    """DP-FedAvg aggregation: clip, bounded-weight sum, Gaussian noise once, fixed denominator.
+def dp(config: DPConfig, sum: Aggregator | None = None) -> Aggregator:
+    """DP-FedAvg aggregation around any sum: clip, bounded weights, sum, Gaussian noise once, fixed denominator.
 
     Unit of privacy: one client. Neighbouring relation: add/remove one client
     (``config.sampling="poisson"``) or replace one (``"fixed"``). Sensitivity of
@@ -111,14 +93,42 @@ def dp_aggregator(config: DPConfig) -> Aggregator:
     Round computation::
 
         b_i   = bounded weight in [0, 1] (config.weighting); 0 for padding and invalid clients
-        s     = sum_i b_i * clip(delta_i, C)                      # one global-norm pass
+        u_i   = clip(delta_i, C) / C                      # in the unit L2 ball (C finite)
+        s     = C * sum(u, b)                             # the inner sum, called once
         delta = (s + N(0, (z_delta * C * scale)^2 I)) / config.denominator
 
     with ``scale = config.noise_cohort_scale`` (1 unless a production noise
-    cohort is simulated). The noise key is ``fljax.random.stream(key, "noise")``
-    of the aggregate key. A client whose update contains NaN/inf or whose
-    weight is non-finite/negative contributes exactly zero and is counted in
-    ``num_nonfinite``; padding slots (weight 0) contribute exactly zero.
+    cohort is simulated). The clip is one global-norm pass (``clip_scheme=
+    "flat"``) or per leaf (``"per_layer"``, :func:`fljax.tree.clip_factors`).
+    The noise key is ``fljax.random.stream(key, "noise")`` of the aggregate
+    key; the inner sum gets the aggregate key itself (a secure sum derives its
+    ``"masks"``, ``"rounding"`` and ``"dropout"`` streams from it). A client
+    whose update contains NaN/inf or whose weight is non-finite/negative
+    contributes exactly zero and is counted in ``num_nonfinite``; padding slots
+    (weight 0) contribute exactly zero. With ``C = inf`` (no clipping, no
+    noise) the updates are passed unscaled.
+
+    The inner sum sees each update divided by ``C``, so every coordinate it
+    sums lies in ``[-1, 1]`` and every weight in ``[0, 1]``, whatever ``C``
+    (adaptive included). Over :func:`fljax.secagg.secure_sum` with
+    ``SecAggConfig(clip_range=1.0, max_weight=1.0)`` (the defaults) nothing
+    wraps and nothing is range-clipped (a coordinate can exceed 1 by one
+    float32 ulp only for an update with a single non-zero coordinate). Error
+    bound: with ``n`` contributing clients, each coordinate of ``delta`` is
+    within::
+
+        C * n * max_weight * (1 / scale + e_w) / config.denominator
+
+    (plus float32 rounding) of DP over the plain sum with the same key, hence
+    the same noise: ``scale`` is the encoding's (``2**frac_bits``) and
+    ``e_w = 2**-(weight_bits + 1)`` the weight quantisation (``e_w = 0`` when
+    every ``b_i`` is on the grid, e.g. uniform weighting). Simulated dropouts
+    remove the dropped clients from the sum. With ``max_weight`` a power of two
+    the quantised weights stay in ``[0, 1]``; the stochastic rounding can move
+    one client's contribution by up to ``C * sqrt(d) * max_weight / scale`` in
+    L2 norm (``d`` coordinates), which the accounting (sensitivity ``C``)
+    ignores: keep ``sqrt(d) / 2**frac_bits`` negligible. The clipped count of
+    adaptive clipping is computed here, in the clear, not through the sum.
 
     Adaptive clipping (``config.target_quantile`` set; Andrew et al. 2021): the
     centred clipped count ``sum_i (1[||delta_i|| <= C] - 1/2)`` over valid clients
@@ -130,58 +140,54 @@ def dp_aggregator(config: DPConfig) -> Aggregator:
 
     Args:
       config: a :class:`DPConfig`.
+      sum: the inner sum (default :func:`fljax.aggregators.weighted_sum`), e.g.
+        :func:`fljax.secagg.secure_sum`.
 
     Returns:
-      An :class:`~fljax.base.Aggregator` with state :class:`DPAggregatorState`.
+      An :class:`~fljax.base.Aggregator` with state :class:`DPState`.
       Metrics: ``num_nonfinite``, ``num_clipped``, ``num_clients``,
       ``total_weight`` (sum of bounded weights), ``dp_clip_norm``,
       ``dp_noise_std`` (std on the sum), ``dp_sensitivity``,
       ``dp_simulated_noise_cohort`` (1 when the noise is a simulated production
-      cohort's, else 0), and with adaptive clipping ``dp_unclipped_fraction``
-      (the noised estimate).
+      cohort's, else 0), with adaptive clipping ``dp_unclipped_fraction``
+      (the noised estimate), and the inner sum's other metrics (e.g.
+      ``num_dropped``, ``num_range_clipped``, ``aborted``).
 
     Examples:
       >>> cfg = DPConfig(clip_norm=1.0, noise_multiplier=1.0, population_size=1000, cohort_size=100)
-      >>> algo = fedavg.fedavg(client_update, aggregator=dp_aggregator(cfg))
+      >>> algo = fedavg.fedavg(client_update, aggregator=dp(cfg))
+      >>> algo = fedavg.fedavg(client_update, aggregator=dp(cfg, sum=secagg.secure_sum(SecAggConfig())))
     """
+    inner = aggregators.weighted_sum() if sum is None else sum
+    per_leaf = config.clip_scheme == "per_layer"
+    unit_ball = math.isfinite(config.clip_norm)
     denom = config.denominator
     rel_std = config.relative_noise_std
     noisy = config.noise_multiplier > 0
-    sens_factor = config.sensitivity / config.clip_norm if math.isfinite(config.clip_norm) else 1.0
+    sens_factor = config.sensitivity / config.clip_norm if unit_ball else 1.0
     count_std = config.count_stddev * config.noise_cohort_scale
     simulated = jnp.int32(config.noise_cohort_size is not None)
 
-    def init(params: Params) -> DPAggregatorState:
-        del params
-        return DPAggregatorState(clip_norm=jnp.asarray(config.clip_norm, jnp.float32))
+    def init(params: Params) -> DPState:
+        return DPState(clip_norm=jnp.asarray(config.clip_norm, jnp.float32), sum_state=inner.init(params))
 
-    def aggregate(state: DPAggregatorState, deltas: Params, weights: jax.Array, key: jax.Array):
+    def aggregate(state: DPState, deltas: Params, weights: jax.Array, key: jax.Array):
         c = state.clip_norm
         b, participating, valid_weight = bounded_weights(weights, config)
-        finite = tree.is_finite(deltas)
-        valid = valid_weight & finite
+        valid = valid_weight & tree.is_finite(deltas)
         num_nonfinite = jnp.sum(participating & ~valid).astype(jnp.int32)
         b = jnp.where(valid, b, 0.0)
-        factors, norms = clip_factors(deltas, c, config.clip_scheme)
-        if config.clip_scheme == "flat":
-            coef = jnp.where(valid, b * factors, 0.0)
-            total = tree.weighted_sum(deltas, coef)
-            clipped = valid & (norms > c)
-        else:
-            leaves, treedef = jax.tree.flatten(deltas)
-            sums = [
-                tree.weighted_sum(x, jnp.where(valid, b * f, 0.0))
-                for x, f in zip(leaves, factors, strict=True)
-            ]
-            total = jax.tree.unflatten(treedef, sums)
-            any_clipped = jnp.zeros(norms.shape, bool)
-            for f in factors:
-                any_clipped = any_clipped | (f < 1.0)
-            clipped = valid & any_clipped
+        factors, norms = tree.clip_factors(deltas, c, per_leaf=per_leaf)
+        clipped = valid & functools.reduce(jnp.logical_or, [f < 1.0 for f in jax.tree.leaves(factors)])
+        if unit_ball:
+            factors = jax.tree.map(lambda f: f / c, factors)
+        sum_state, total, sum_metrics = inner.aggregate(state.sum_state, tree.scale(deltas, factors), b, key)
+        if unit_ball:
+            total = jax.tree.map(lambda s: s * c.astype(s.dtype), total)
 
         noise_std = jnp.zeros((), jnp.float32)
-        metrics = {}
-        new_state = state
+        metrics = dict(sum_metrics)
+        new_c = c
         if noisy or config.adaptive:
             noise_keys = jax.random.split(fl_random.stream(key, "noise"), 2)
         if noisy:
@@ -197,7 +203,6 @@ def dp_aggregator(config: DPConfig) -> Aggregator:
             new_c = c * jnp.exp(
                 -jnp.float32(config.clip_learning_rate) * (unclipped - config.target_quantile)
             )
-            new_state = DPAggregatorState(clip_norm=new_c.astype(jnp.float32))
             metrics["dp_unclipped_fraction"] = unclipped
         delta = jax.tree.map(lambda s: s / jnp.asarray(denom, s.dtype), total)
         metrics.update(
@@ -210,7 +215,7 @@ def dp_aggregator(config: DPConfig) -> Aggregator:
             dp_sensitivity=c * jnp.float32(sens_factor),
             dp_simulated_noise_cohort=simulated,
         )
-        return new_state, delta, metrics
+        return DPState(clip_norm=new_c.astype(jnp.float32), sum_state=sum_state), delta, metrics
 
     return Aggregator(init, aggregate)
 

@@ -83,10 +83,7 @@ def dp_sgd_gradient(
                 f"DP-SGD was configured for batch_size={batch_size}, got a batch mask {mask.shape}"
             )
         example_losses, grads = per_example(params, x, y)
-        norms = tree.global_norm(grads)
-        factors = jnp.minimum(
-            1.0, jnp.float32(l2_norm_clip) / jnp.maximum(norms, jnp.finfo(jnp.float32).tiny)
-        )
+        factors, norms = tree.clip_factors(grads, l2_norm_clip)
         finite = jnp.isfinite(norms)
         coef = jnp.where(mask & finite, factors, 0.0)
         total = tree.weighted_sum(grads, coef)

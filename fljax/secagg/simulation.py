@@ -28,6 +28,12 @@ its effect on accuracy, at little cost inside ``jit``. The real protocol is
 :mod:`fljax.secagg.protocol`; for the same encoded inputs and survivors both
 produce the same sum bit for bit (the masks differ, the sums are equal).
 
+:func:`secure_sum` is the aggregator: a SUM in the sense of
+:mod:`fljax.aggregators`, so ``aggregators.mean(secure_sum(c))`` is the secure
+weighted mean and ``privacy.dp(dp_config, sum=secure_sum(c))`` is DP-FedAvg
+whose noised sum is computed by secure aggregation. :func:`protocol_sum` is the
+same sum with the real protocol run on the host (``jax.pure_callback``).
+
 References:
   Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving
   Machine Learning", CCS 2017.
@@ -37,14 +43,16 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fljax import aggregators, random
 from fljax.base import Aggregator, Params, PyTree
-from fljax.secagg import encoding
+from fljax.secagg import encoding, messages, protocol
 from fljax.secagg.config import SecAggConfig
 
 _GOLDEN = 0x9E3779B9
@@ -177,7 +185,7 @@ def unmask_sum(masked: jax.Array, survived: jax.Array, masks: Masks, bits: int) 
     return (total - selfs - masks.correction) & encoding.ring_mask(bits)
 
 
-def secure_sum(
+def masked_ring_sum(
     values: jax.Array, survived: jax.Array, key: jax.Array, config: SecAggConfig, bits: int
 ) -> tuple[jax.Array, jax.Array]:
     """Masked sum of the survivors' encoded inputs.
@@ -200,48 +208,23 @@ def secure_sum(
     return jnp.where(aborted, jnp.zeros_like(total), total), aborted
 
 
-class SecAggState(NamedTuple):
-    """Secure aggregation keeps no state."""
+def _init(params: Params) -> aggregators.EmptyState:
+    del params
+    return aggregators.EmptyState()
 
 
-def secure_aggregator(config: SecAggConfig) -> Aggregator:
-    """Weighted mean of client deltas through simulated secure aggregation.
+RingSum = Callable[[jax.Array, jax.Array, jax.Array, int], tuple[jax.Array, jax.Array]]
+"""``ring_sum(values[clients, dim], survived[clients], key, bits) -> (total[dim], aborted)``."""
 
-    Per round: non-finite clients get weight 0 (counted as ``num_nonfinite``);
-    each client's delta is clipped to ``[-clip_range, clip_range]`` per
-    coordinate, weighted, quantised stochastically (key stream
-    ``"aggregate"``) and appended with its integer weight
-    (:mod:`fljax.secagg.encoding`); the vectors are masked and summed
-    (:func:`secure_sum`, key stream ``"masks"``), optionally with simulated
-    dropouts (``config.dropout_rate``, stream ``"dropout"``); the decoded sum
-    divided by the exact decoded weight total is the result. It equals
-    :func:`fljax.aggregators.weighted_mean` of the range-clipped deltas under
-    the quantised weights, up to the encoding's error bound
-    (``< num_clients * max_weight / (scale * total_weight)`` per coordinate).
-    Padding slots (weight 0) encode to exact zeros and contribute nothing.
 
-    ``jax.random`` is not a cryptographic generator: this simulation protects
-    nothing (see the module docstring); it reproduces the protocol's
-    arithmetic.
+def encoded_sum(config: SecAggConfig, ring_sum: RingSum) -> Aggregator:
+    """The sum that encodes, adds in ``Z_(2**bits)`` with ``ring_sum`` and decodes.
 
-    Args:
-      config: encoding, graph and dropout settings.
-
-    Returns:
-      ``Aggregator(init, aggregate)``; metrics: ``num_nonfinite``,
-      ``total_weight``, ``num_clients`` (contributing survivors),
-      ``num_dropped``, ``num_range_clipped``, ``aborted`` (int32 0/1; the
-      delta is zero when the survivors fall below the threshold).
-
-    Examples:
-      >>> agg = secure_aggregator(SecAggConfig(clip_range=0.1, frac_bits=20))
-      >>> state = agg.init(params)
-      >>> state, delta, metrics = agg.aggregate(state, deltas, weights, key)
+    Shared by :func:`secure_sum` (masking simulated in jit) and
+    :func:`protocol_sum` (the real protocol on the host): sanitise, encode
+    (stochastic rounding from the ``"rounding"`` stream), draw the simulated
+    dropouts (``"dropout"``), ``ring_sum`` the survivors' inputs, decode.
     """
-
-    def init(params: Params) -> SecAggState:
-        del params
-        return SecAggState()
 
     def aggregate(state: PyTree, deltas: Params, weights: jax.Array, key: jax.Array):
         w, num_bad = aggregators.sanitize(deltas, weights)
@@ -249,15 +232,14 @@ def secure_aggregator(config: SecAggConfig) -> Aggregator:
         n = x.shape[0]
         bits = config.ring_bits(n)
         x = jnp.where((w > 0)[:, None], x, jnp.zeros((), jnp.float32))
-        enc = encoding.encode(x, w, random.stream(key, "aggregate"), config, bits)
+        enc = encoding.encode(x, w, random.stream(key, "rounding"), config, bits)
         if config.dropout_rate > 0:
             u = jax.random.uniform(random.stream(key, "dropout"), (n,), jnp.float32)
             survived = u >= jnp.float32(config.dropout_rate)
         else:
             survived = jnp.ones((n,), jnp.bool_)
-        total, aborted = secure_sum(enc.values, survived, random.stream(key, "masks"), config, bits)
-        mean, total_weight = encoding.decode_mean(total, config, bits)
-        delta = encoding.unflatten(mean, deltas)
+        total, aborted = ring_sum(enc.values, survived, key, bits)
+        weighted, total_weight = encoding.decode(total, config, bits)
         counted = enc.values[:, -1] > 0
         metrics = {
             "num_nonfinite": num_bad,
@@ -267,6 +249,88 @@ def secure_aggregator(config: SecAggConfig) -> Aggregator:
             "num_range_clipped": enc.num_range_clipped,
             "aborted": aborted.astype(jnp.int32),
         }
-        return state, delta, metrics
+        return state, encoding.unflatten(weighted, deltas), metrics
 
-    return Aggregator(init, aggregate)
+    return Aggregator(_init, aggregate)
+
+
+def secure_sum(config: SecAggConfig) -> Aggregator:
+    """Weighted sum of client deltas through simulated secure aggregation (a sum, see
+    :mod:`fljax.aggregators`).
+
+    Per round: non-finite clients get weight 0 (counted as ``num_nonfinite``);
+    each client's delta is clipped to ``[-clip_range, clip_range]`` per
+    coordinate, weighted, quantised stochastically (key stream
+    ``"rounding"``) and appended with its integer weight
+    (:mod:`fljax.secagg.encoding`); the vectors are masked and summed
+    (:func:`masked_ring_sum`, key stream ``"masks"``), optionally with
+    simulated dropouts (``config.dropout_rate``, stream ``"dropout"``), and
+    decoded. Padding slots (weight 0) encode to exact zeros and contribute
+    nothing.
+
+    Error bound: with ``n`` contributing clients, every coordinate of the total
+    is within ``n * max_weight / scale`` (plus float32 rounding, relative
+    ``2**-24``) of ``sum_i w_i clip(delta_i)`` under the quantised weights
+    ``w_i`` (grid ``max_weight / 2**weight_bits``; weights above ``max_weight``
+    are clipped to it). The reported ``total_weight`` is the exact sum of the
+    quantised weights of the survivors; ``aggregators.mean(secure_sum(c))`` is
+    the secure weighted mean. The decoded sum does not depend on the masks,
+    hence not on the clients' slots, except through the stochastic rounding.
+
+    ``jax.random`` is not a cryptographic generator: this simulation protects
+    nothing (see the module docstring); it reproduces the protocol's
+    arithmetic.
+
+    Args:
+      config: encoding, graph and dropout settings.
+
+    Returns:
+      ``Aggregator(init, aggregate)`` returning the decoded weighted sum;
+      metrics: ``num_nonfinite``, ``total_weight``, ``num_clients``
+      (contributing survivors), ``num_dropped``, ``num_range_clipped``,
+      ``aborted`` (int32 0/1; the total and its weight are zero when the
+      survivors fall below the threshold).
+
+    Examples:
+      >>> agg = aggregators.mean(secure_sum(SecAggConfig(clip_range=0.1, frac_bits=20)))
+      >>> state = agg.init(params)
+      >>> state, delta, metrics = agg.aggregate(state, deltas, weights, key)
+    """
+
+    def ring_sum(values, survived, key, bits):
+        return masked_ring_sum(values, survived, random.stream(key, "masks"), config, bits)
+
+    return encoded_sum(config, ring_sum)
+
+
+def protocol_sum(config: SecAggConfig) -> Aggregator:
+    """:func:`secure_sum` with the real cryptographic protocol on the host.
+
+    The same sanitising, encoding (``"rounding"`` stream), simulated dropouts
+    (``"dropout"``) and decoding run in jit; the ring sum is one
+    :func:`fljax.secagg.protocol.run_round` over the cohort (every slot a
+    client; the simulated dropouts vanish before sending their masked input),
+    called through ``jax.pure_callback``. Its secrets come from the OS
+    (``cryptography``, ``secrets``), not from ``key``, so the masks differ from
+    run to run but the sum does not: for the same key the result equals
+    :func:`secure_sum`'s bit for bit. On a sparse graph (``num_neighbors``) with
+    dropouts, whether a round aborts can differ, as each draws its own graph.
+    Every party lives in this one process: it exercises the protocol end to
+    end inside training, it does not distribute trust. Host cost is the
+    protocol's (``O(n * k * dim)`` AES work): for tests and small models.
+    """
+
+    def host(values: np.ndarray, survived: np.ndarray):
+        dropped = {int(i) for i in np.flatnonzero(~np.asarray(survived))}
+        try:
+            result = protocol.run_round(np.asarray(values), config, dropouts={messages.MASKED_INPUT: dropped})
+        except messages.ProtocolAbort:
+            return np.zeros(values.shape[1], np.uint32), np.bool_(True)
+        return np.asarray(result.total, np.uint32), np.bool_(False)
+
+    def ring_sum(values, survived, key, bits):
+        del key, bits  # the protocol derives the ring from the config and draws its own secrets
+        out = (jax.ShapeDtypeStruct(values.shape[1:], jnp.uint32), jax.ShapeDtypeStruct((), jnp.bool_))
+        return jax.pure_callback(host, out, values, survived)
+
+    return encoded_sum(config, ring_sum)

@@ -25,7 +25,9 @@ ALGORITHMS = {
     "fedadam": lambda: fedopt.fedadam(_local(), server_learning_rate=0.05),
     "fedyogi": lambda: fedopt.fedyogi(_local(), server_learning_rate=0.05),
     "fedadagrad": lambda: fedopt.fedadagrad(_local(), server_learning_rate=0.05),
-    "fedprox": lambda: fedprox.fedprox(fedprox.proximal_client(helpers.model(), optax.sgd(0.1), mu=0.1, batch_size=4)),
+    "fedprox": lambda: fedprox.fedprox(
+        fedprox.proximal_client(helpers.model(), optax.sgd(0.1), mu=0.1, batch_size=4)
+    ),
     "fedsgd": lambda: fedsgd.fedsgd(fedsgd.gradient_client(helpers.model()), learning_rate=0.5),
     "scaffold": lambda: scaffold.scaffold(_scaffold_client(), population_size=len(POP_SIZES)),
 }
@@ -58,7 +60,11 @@ def _round(algo_or_name, ids, key, rounds=1):
         algo, update = _jitted(algo_or_name)
     else:
         algo, update = algo_or_name, jax.jit(algo_or_name.update)
-    ctx = jax.numpy_dtype_promotion("standard") if algo_or_name in STANDARD_PROMOTION else contextlib.nullcontext()
+    ctx = (
+        jax.numpy_dtype_promotion("standard")
+        if algo_or_name in STANDARD_PROMOTION
+        else contextlib.nullcontext()
+    )
     pop = helpers.population(POP_SIZES)
     states = None
     if algo_or_name in STATEFUL:
@@ -110,8 +116,11 @@ def test_fedprox_with_mu_zero_equals_fedavg():
         [0, 1, 2],
         jax.random.key(0),
     )
-    b, _ = _round(fedavg.fedavg(helpers.local_sgd(optimizer=optax.sgd(0.1), batch_size=4, num_epochs=1)),
-                  [0, 1, 2], jax.random.key(0))
+    b, _ = _round(
+        fedavg.fedavg(helpers.local_sgd(optimizer=optax.sgd(0.1), batch_size=4, num_epochs=1)),
+        [0, 1, 2],
+        jax.random.key(0),
+    )
     helpers.assert_trees_equal(a.params, b.params)
 
 
@@ -177,9 +186,14 @@ def test_one_shape_and_performance_given_once(name):
     algo = ALGORITHMS[name]()
     assert algo.with_performance is not None
     factory = {
-        "fedadam": fedopt.fedadam, "fedyogi": fedopt.fedyogi, "fedadagrad": fedopt.fedadagrad,
-        "fedavg": fedavg.fedavg, "fedavgm": fedavgm.fedavgm, "fedprox": fedprox.fedprox,
-        "fedsgd": fedsgd.fedsgd, "scaffold": scaffold.scaffold,
+        "fedadam": fedopt.fedadam,
+        "fedyogi": fedopt.fedyogi,
+        "fedadagrad": fedopt.fedadagrad,
+        "fedavg": fedavg.fedavg,
+        "fedavgm": fedavgm.fedavgm,
+        "fedprox": fedprox.fedprox,
+        "fedsgd": fedsgd.fedsgd,
+        "scaffold": scaffold.scaffold,
     }[name]
     params = list(inspect.signature(factory).parameters.values())
     assert params[0].name == "client_update"

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fljax import client, losses, random
+from fljax import client, random
 from fljax.algorithms import fedavg, scaffold
 from fljax.data import ClientStates, FederatedData
 
@@ -63,7 +63,9 @@ def test_scaffold_removes_the_drift_that_biases_fedavg():
     assert np.linalg.norm(w_fedavg - w_star) > 0.1 * np.linalg.norm(w_star)
     np.testing.assert_allclose(w_scaffold, w_star, rtol=1e-3, atol=1e-3)
     # The server's control variate stays the mean of the clients' (every client takes part).
-    np.testing.assert_allclose(np.asarray(state.control["w"]), states.tree["w"].mean(axis=0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(state.control["w"]), states.tree["w"].mean(axis=0), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_scaffold_with_full_participation_and_one_local_step_is_gradient_descent():

@@ -6,6 +6,7 @@ import optax
 import pytest
 
 from fljax import aggregators, client, models, simulation
+from fljax.base import Performance
 from fljax.data import FederatedData, bucketing
 
 NUM_FEATURES, NUM_CLASSES, BATCH = 5, 3, 4
@@ -48,8 +49,10 @@ def test_bucketed_round_equals_padded_round():
         padded.init(params), data.cohort(ids, client_mask=mask), key
     )
     for agg in (None, aggregators.weighted_mean()):  # streamed sums, and concatenated outputs
-        bucketed = simulation.bucketed_algorithm(update, optax.sgd(1.0), aggregator=agg, chunk_size=2)
-        state, metrics = bucketed.update(bucketed.init(params), cohorts, key)
+        bucketed = simulation.averaging_algorithm(
+            update, optax.sgd(1.0), aggregator=agg, performance=Performance(chunk_size=2)
+        )
+        state, metrics = bucketed.update(bucketed.init(params), tuple(cohorts), key)
         _check(state, metrics, ref_state, ref_metrics)
     assert bucketing.padding_fraction(cohorts, BATCH) < bucketing.padding_fraction([data.cohort(ids)], BATCH)
 
@@ -58,8 +61,10 @@ def test_bucketed_round_equals_padded_round():
     assert [c.data.mask.shape[1] for c in merged] == sorted({c.data.mask.shape[1] for c in cohorts})
     assert sum(c.client_ids.shape[0] for c in merged) == sum(c.client_ids.shape[0] for c in cohorts)
     for agg in (None, aggregators.weighted_mean()):
-        bucketed = simulation.bucketed_algorithm(update, optax.sgd(1.0), aggregator=agg, chunk_size=4)
-        state, metrics = jax.jit(bucketed.update)(bucketed.init(params), merged, key)
+        bucketed = simulation.averaging_algorithm(
+            update, optax.sgd(1.0), aggregator=agg, performance=Performance(chunk_size=4)
+        )
+        state, metrics = jax.jit(bucketed.update)(bucketed.init(params), tuple(merged), key)
         _check(state, metrics, ref_state, ref_metrics)
     with pytest.raises(ValueError, match="no bucket"):
         bucketing.merge([])

@@ -20,8 +20,9 @@ def counter_update():
         out: ClientOutput = inner(params, data, key)
         return {"count": state["count"] + 1, "seen": state["seen"] + out.weight}, out
 
-    return StatefulClientUpdate(lambda p: {"count": jnp.zeros((), jnp.int32), "seen": jnp.zeros((), jnp.float32)},
-                                update)
+    return StatefulClientUpdate(
+        lambda p: {"count": jnp.zeros((), jnp.int32), "seen": jnp.zeros((), jnp.float32)}, update
+    )
 
 
 def test_counter_state_counts_participation_and_padding_never_writes():

@@ -32,7 +32,11 @@ def test_oversized_client_subset_follows_the_key_not_the_id_alone():
     assert a.data.mask.sum() == 4
     np.testing.assert_array_equal(a.data.x, b.data.x)
     subsets = {
-        tuple(np.asarray(pop.cohort([0], num_examples=4, key=random.stream(random.run_key(s), "data")).data.x).ravel())
+        tuple(
+            np.asarray(
+                pop.cohort([0], num_examples=4, key=random.stream(random.run_key(s), "data")).data.x
+            ).ravel()
+        )
         for s in range(6)
     }
     assert len(subsets) > 1  # other seeds draw other subsets

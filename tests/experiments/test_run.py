@@ -30,8 +30,19 @@ def _metrics(out):
 
 def test_main_job_writes_everything_and_prints_the_table(tmp_path, capsys):
     run = _runner()
-    summary = run.main(["--config", HEART, "--set", "rounds=3", "--set", "eval_every=3", "--out", str(tmp_path),
-                        "--no-progress"])
+    summary = run.main(
+        [
+            "--config",
+            HEART,
+            "--set",
+            "rounds=3",
+            "--set",
+            "eval_every=3",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     for name in ("config.json", "run_info.json", "metrics.jsonl", "summary.json", "curves.png"):
         assert (tmp_path / name).exists(), name
     info = json.loads((tmp_path / "run_info.json").read_text())
@@ -48,8 +59,19 @@ def test_main_job_writes_everything_and_prints_the_table(tmp_path, capsys):
 
 def test_resumed_run_matches_uninterrupted(tmp_path):
     run = _runner()
-    common = ["--config", HEART, "--set", "baselines=()", "--set", "eval_every=2", "--set", "checkpoint_every=2",
-              "--no-progress", "--set", "cohort={'sampling': 'uniform', 'size': 2}"]
+    common = [
+        "--config",
+        HEART,
+        "--set",
+        "baselines=()",
+        "--set",
+        "eval_every=2",
+        "--set",
+        "checkpoint_every=2",
+        "--no-progress",
+        "--set",
+        "cohort={'sampling': 'uniform', 'size': 2}",
+    ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run.main(common + ["--set", "rounds=4", "--out", str(straight)])
     run.main(common + ["--set", "rounds=2", "--out", str(resumed)])
@@ -99,8 +121,23 @@ def test_dp_run_logs_epsilon_and_stops_at_its_budget(tmp_path):
     dp = {"clip_norm": 1.0, "noise_multiplier": 1.0, "sampling": "poisson", "cohort_size": 2}
     cfg = privacy.DPConfig(population_size=4, **dp)
     budget = (privacy.epsilon(cfg, 3) + privacy.epsilon(cfg, 4)) / 2  # room for 3 rounds, not 4
-    summary = run.main(["--config", HEART, "--set", "baselines=()", "--set", "rounds=6", "--set", "eval_every=1",
-                        "--set", f"dp={dict(dp, budget_epsilon=budget)!r}", "--out", str(tmp_path), "--no-progress"])
+    summary = run.main(
+        [
+            "--config",
+            HEART,
+            "--set",
+            "baselines=()",
+            "--set",
+            "rounds=6",
+            "--set",
+            "eval_every=1",
+            "--set",
+            f"dp={dict(dp, budget_epsilon=budget)!r}",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     rows = _metrics(tmp_path)
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert all(r["epsilon"] <= budget for r in rows)
@@ -111,10 +148,27 @@ def test_dp_run_logs_epsilon_and_stops_at_its_budget(tmp_path):
 
 def test_secure_aggregation_run_tracks_the_plain_run(tmp_path):
     run = _runner()
-    common = ["--config", HEART, "--set", "baselines=()", "--set", "rounds=4", "--set", "repeats=1", "--no-progress"]
+    common = [
+        "--config",
+        HEART,
+        "--set",
+        "baselines=()",
+        "--set",
+        "rounds=4",
+        "--set",
+        "repeats=1",
+        "--no-progress",
+    ]
     plain = run.main(common + ["--out", str(tmp_path / "plain")])
-    secure = run.main(common + ["--out", str(tmp_path / "secure"), "--set",
-                                "secagg={'clip_range': 1.0, 'frac_bits': 16, 'max_weight': 300.0}"])
+    secure = run.main(
+        common
+        + [
+            "--out",
+            str(tmp_path / "secure"),
+            "--set",
+            "secagg={'clip_range': 1.0, 'frac_bits': 16, 'max_weight': 300.0}",
+        ]
+    )
     rows = _metrics(tmp_path / "secure")
     assert all(r["aborted"] == 0 and r["num_clients"] == 4 for r in rows)
     # fixed-point rounding only: the secure run's loss follows the plain one closely

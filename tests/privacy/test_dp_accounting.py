@@ -22,8 +22,13 @@ def test_poisson_epsilon_equals_direct_dp_accounting_and_grows():
         add_remove = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
         for kind, direct in (
             ("rdp", rdp.RdpAccountant(neighboring_relation=add_remove)),
-            ("pld", pld.PLDAccountant(neighboring_relation=add_remove,
-                                      value_discretization_interval=accounting.PLD_DISCRETIZATION)),
+            (
+                "pld",
+                pld.PLDAccountant(
+                    neighboring_relation=add_remove,
+                    value_discretization_interval=accounting.PLD_DISCRETIZATION,
+                ),
+            ),
         ):
             direct.compose(
                 dp_accounting.SelfComposedDpEvent(
@@ -68,7 +73,9 @@ def test_calibration_hits_target_within_one_percent(kind, targets):
 
 
 def test_dpsgd_event_and_calibration():
-    cfg = config.DPSGDConfig(l2_norm_clip=1.0, noise_multiplier=1.0, batch_size=32, num_examples=1000, num_epochs=2)
+    cfg = config.DPSGDConfig(
+        l2_norm_clip=1.0, noise_multiplier=1.0, batch_size=32, num_examples=1000, num_epochs=2
+    )
     assert cfg.steps_per_round == 64
     direct = rdp.RdpAccountant()
     direct.compose(

@@ -12,7 +12,9 @@ DATA = REPO.parent / "shared" / "data" / "mnist" / "mnist.npz"
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("dp_mnist", REPO / "experiments" / "configs" / "dp_mnist.py")
+    spec = importlib.util.spec_from_file_location(
+        "dp_mnist", REPO / "experiments" / "configs" / "dp_mnist.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -27,11 +27,15 @@ def _setup(key, batch=6):
 def test_per_example_gradients_equal_python_loop():
     model, params, x, y = _setup(jax.random.key(0))
     losses_, grads = jax.jit(dp_sgd.per_example_gradients(model))(params, x, y)
-    ref_grad = jax.jit(lambda p, xj, yj: client.masked_mean_gradient(model.apply)(p, xj, yj, jnp.ones((1,), bool), None))
+    ref_grad = jax.jit(
+        lambda p, xj, yj: client.masked_mean_gradient(model.apply)(p, xj, yj, jnp.ones((1,), bool), None)
+    )
     for j in range(x.shape[0]):
         g, loss = ref_grad(params, x[j : j + 1], y[j : j + 1])
         np.testing.assert_allclose(losses_[j], loss, rtol=1e-5)
-        for a, b in zip(jax.tree.leaves(jax.tree.map(lambda t: t[j], grads)), jax.tree.leaves(g), strict=True):  # noqa: B023
+        for a, b in zip(
+            jax.tree.leaves(jax.tree.map(lambda t, j=j: t[j], grads)), jax.tree.leaves(g), strict=True
+        ):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
@@ -66,7 +70,7 @@ def test_clipped_gradient_equals_loop_and_padding_is_zero():
 def test_noise_std_is_z_clip_over_batch():
     model, params, x, y = _setup(jax.random.key(3))
     z, clip, batch = 1.5, 0.4, 6
-    grad_fn = (dp_sgd.dp_sgd_gradient(model, l2_norm_clip=clip, noise_multiplier=z, batch_size=batch))
+    grad_fn = dp_sgd.dp_sgd_gradient(model, l2_norm_clip=clip, noise_multiplier=z, batch_size=batch)
     none = jnp.zeros((batch,), bool)  # an all-padding batch: the gradient is pure noise
     keys = jax.random.split(jax.random.key(4), 300)
     grads, _ = jax.jit(jax.vmap(grad_fn, in_axes=(None, None, None, None, 0)))(params, x, y, none, keys)
@@ -95,4 +99,6 @@ def test_dp_sgd_client_runs_deterministically_and_checks_batch():
     assert float(out1.weight) == 17.0
     wrong = dp_sgd.dp_sgd_gradient(model, l2_norm_clip=1.0, noise_multiplier=1.0, batch_size=4)
     with pytest.raises(ValueError, match="batch_size"):
-        jax.jit(client.local_sgd(model, optax.sgd(0.1), batch_size=5, gradient=wrong))(params, data, jax.random.key(8))
+        jax.jit(client.local_sgd(model, optax.sgd(0.1), batch_size=5, gradient=wrong))(
+            params, data, jax.random.key(8)
+        )

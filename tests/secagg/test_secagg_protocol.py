@@ -56,7 +56,9 @@ def test_protocol_equals_simulation_and_plain_sum(neighbors):
     enc = jax.jit(lambda a, b, k: encoding.encode(a, b, k, cfg, bits).values)(x, w, kr)
     dropped = {2, 7} if neighbors is None else {5}
     survived = jnp.asarray([i not in dropped for i in range(n)])
-    sim_total, aborted = jax.jit(lambda v, s, k: simulation.secure_sum(v, s, k, cfg, bits))(enc, survived, km)
+    sim_total, aborted = jax.jit(lambda v, s, k: simulation.masked_ring_sum(v, s, k, cfg, bits))(
+        enc, survived, km
+    )
     assert not bool(aborted)
     result = protocol.run_round(np.asarray(enc), cfg, dropouts={messages.MASKED_INPUT: dropped})
     assert result.survivors == [i for i in range(n) if i not in dropped]

@@ -22,7 +22,7 @@ def test_sum_equals_plain_sum_under_dropout(n, neighbors, bits):
     cfg = SecAggConfig(
         num_neighbors=neighbors, bits=bits, frac_bits=0, clip_range=1.0, weight_bits=0, threshold=1
     )
-    fn = jax.jit(lambda v, s, k: simulation.secure_sum(v, s, k, cfg, bits))
+    fn = jax.jit(lambda v, s, k: simulation.masked_ring_sum(v, s, k, cfg, bits))
     root = jax.random.key(n * 100 + bits)
     for trial in range(4):
         kv, ks, km = jax.random.split(jax.random.fold_in(root, trial), 3)
@@ -58,7 +58,7 @@ def test_threshold_abort():
     cfg = SecAggConfig(num_neighbors=None, threshold=6)
     values = jnp.ones((8, 5), jnp.uint32)
     survived = jnp.asarray([True] * 5 + [False] * 3)
-    total, aborted = simulation.secure_sum(values, survived, jax.random.key(2), cfg, 16)
+    total, aborted = simulation.masked_ring_sum(values, survived, jax.random.key(2), cfg, 16)
     assert bool(aborted) and int(jnp.max(total)) == 0
 
 
@@ -76,7 +76,7 @@ def test_aggregator_matches_weighted_mean(neighbors):
     cfg = SecAggConfig(clip_range=0.5, frac_bits=16, max_weight=64.0, num_neighbors=neighbors)
     deltas = _deltas(jax.random.key(3), n)
     weights = jnp.asarray([3, 10, 0, 64, 7, 1, 0, 20, 5, 9], jnp.float32)
-    agg = simulation.secure_aggregator(cfg)
+    agg = aggregators.mean(simulation.secure_sum(cfg))
     _, delta, metrics = jax.jit(agg.aggregate)(agg.init(None), deltas, weights, jax.random.key(4))
     _, ref, _ = aggregators.weighted_mean().aggregate((), deltas, weights, jax.random.key(5))
     bound = n * cfg.max_weight / (cfg.scale_value * float(jnp.sum(weights)))
@@ -91,7 +91,7 @@ def test_aggregator_matches_weighted_mean(neighbors):
 def test_padding_and_nonfinite_contribute_exactly_zero():
     n = 8
     cfg = SecAggConfig(clip_range=1.0, num_neighbors=4)
-    agg = simulation.secure_aggregator(cfg)
+    agg = aggregators.mean(simulation.secure_sum(cfg))
     fn = jax.jit(agg.aggregate)
     deltas = _deltas(jax.random.key(6), n)
     weights = jnp.asarray([1, 1, 1, 0, 1, 1, 1, 0], jnp.float32)
@@ -115,7 +115,7 @@ def test_padding_and_nonfinite_contribute_exactly_zero():
 def test_dropout_mean_over_survivors_and_abort():
     n = 12
     cfg = SecAggConfig(clip_range=1.0, num_neighbors=None, dropout_rate=0.25)
-    agg = simulation.secure_aggregator(cfg)
+    agg = aggregators.mean(simulation.secure_sum(cfg))
     deltas = _deltas(jax.random.key(8), n)
     weights = jnp.ones((n,), jnp.float32)
     key = jax.random.key(9)
@@ -128,14 +128,14 @@ def test_dropout_mean_over_survivors_and_abort():
     for a, b in zip(jax.tree.leaves(delta), jax.tree.leaves(ref), strict=True):
         assert float(jnp.max(jnp.abs(a - b))) < bound
     # Most clients dropping: below the threshold the round aborts with a zero delta.
-    heavy = simulation.secure_aggregator(SecAggConfig(dropout_rate=0.9))
+    heavy = aggregators.mean(simulation.secure_sum(SecAggConfig(dropout_rate=0.9)))
     _, zero, m = jax.jit(heavy.aggregate)((), deltas, weights, jax.random.key(11))
     assert int(m["aborted"]) == 1
     assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(zero))
 
 
 def test_same_key_same_result_and_no_recompile():
-    agg = simulation.secure_aggregator(SecAggConfig(num_neighbors=2))
+    agg = aggregators.mean(simulation.secure_sum(SecAggConfig(num_neighbors=2)))
     fn = jax.jit(agg.aggregate)
     deltas = _deltas(jax.random.key(12), 6)
     w = jnp.ones((6,), jnp.float32)
@@ -175,7 +175,9 @@ def test_converges_like_plain_round():
         return round_fn
 
     plain = make_round(aggregators.weighted_mean())
-    secure = make_round(simulation.secure_aggregator(SecAggConfig(clip_range=2.0, max_weight=64.0)))
+    secure = make_round(
+        aggregators.mean(simulation.secure_sum(SecAggConfig(clip_range=2.0, max_weight=64.0)))
+    )
     wp = ws = jnp.zeros((dim,), jnp.float32)
     run = jax.random.key(16)
     for r in range(15):
@@ -186,3 +188,55 @@ def test_converges_like_plain_round():
     l0 = float(loss(jnp.zeros((dim,), jnp.float32), x.reshape(-1, dim), y.reshape(-1)))
     assert ls < 0.5 * l0
     assert abs(ls - lp) < 1e-3
+
+
+def test_secure_sum_is_the_decoded_plain_ring_sum_bit_for_bit():
+    """Masks cancel exactly: the sum equals decoding the unmasked ring sum of the encoded inputs
+    (stochastic rounding from the ``"rounding"`` stream), and its weight total is exact."""
+    n = 7
+    cfg = SecAggConfig(clip_range=0.5, frac_bits=16, max_weight=8.0, num_neighbors=4)
+    deltas = _deltas(jax.random.key(17), n)
+    weights = jnp.asarray([1.0, 8.0, 0.0, 2.5, 3.0, 0.5, 1.0], jnp.float32)
+    key = jax.random.key(18)
+    agg = simulation.secure_sum(cfg)
+    _, total, metrics = jax.jit(agg.aggregate)(agg.init(None), deltas, weights, key)
+
+    @jax.jit
+    def by_hand(deltas, weights, key):
+        bits = cfg.ring_bits(n)
+        enc = encoding.encode(encoding.flatten(deltas), weights, random.stream(key, "rounding"), cfg, bits)
+        s, w = encoding.decode(encoding.ring_sum(enc.values, bits), cfg, bits)
+        return encoding.unflatten(s, deltas), w
+
+    ref, ref_weight = by_hand(deltas, weights, jax.random.clone(key))
+    for a, b in zip(jax.tree.leaves(total), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert float(metrics["total_weight"]) == float(ref_weight) == float(jnp.sum(weights))
+    assert int(metrics["num_clients"]) == 6 and int(metrics["num_range_clipped"]) == 0
+
+
+@pytest.mark.parametrize("dropout_rate", [0.0, 0.25])
+def test_protocol_sum_equals_simulated_sum_bit_for_bit(dropout_rate):
+    """The real protocol behind the same sum contract, inside a jitted aggregate (pure_callback)."""
+    n = 8
+    cfg = SecAggConfig(clip_range=0.5, max_weight=8.0, dropout_rate=dropout_rate)
+    deltas = _deltas(jax.random.key(19), n)
+    deltas = jax.tree.map(lambda x: x.at[6].set(jnp.nan), deltas)  # rejected
+    weights = jnp.asarray([1.0, 8.0, 0.0, 2.5, 3.0, 0.5, 1.0, 4.0], jnp.float32)  # slot 2 is padding
+    for seed in range(20, 100):  # a key whose dropouts (if any) stay above the threshold
+        key = jax.random.key(seed)
+        survived = jax.random.uniform(random.stream(key, "dropout"), (n,), jnp.float32) >= dropout_rate
+        if (dropout_rate == 0 or 1 <= n - int(jnp.sum(survived)) <= 2) and bool(survived[0]):
+            break
+    simulated, real = simulation.secure_sum(cfg), simulation.protocol_sum(cfg)
+    _, a, ma = jax.jit(simulated.aggregate)((), deltas, weights, jax.random.clone(key))
+    _, b, mb = jax.jit(real.aggregate)((), deltas, weights, key)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert {k: int(v) for k, v in ma.items() if k != "total_weight"} == {
+        k: int(v) for k, v in mb.items() if k != "total_weight"
+    }
+    assert float(ma["total_weight"]) == float(mb["total_weight"]) > 0
+    assert int(mb["num_nonfinite"]) == 1 and int(mb["aborted"]) == 0
+    counted = (weights > 0).at[6].set(False)  # padding and the rejected client are not counted
+    assert int(mb["num_dropped"]) == int(jnp.sum(counted & ~survived))

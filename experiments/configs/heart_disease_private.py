@@ -1,0 +1,49 @@
+"""The main job with privacy: DP over secure aggregation across the 4 hospitals.
+
+Command:
+  python experiments/run.py --config experiments/configs/heart_disease_private.py
+
+The main job's federated model (MLP 29-32-2, FedAvg over Cleveland, Hungary,
+Switzerland and VA Long Beach every round), now trained the way private
+federated learning is deployed: each hospital clips its update to L2 norm
+``clip_norm``, the clipped updates are summed by secure aggregation (the
+server sees only the sum; fixed-point encoding, pairwise masks, simulated
+inside the jitted round), and Gaussian noise is added ONCE to the sum before
+the server divides by the fixed number of hospitals. Client-level DP: the unit
+of privacy is one hospital's whole data set (add/remove one hospital), which
+is the strongest and hardest guarantee for 4 silos. It prints each hospital's
+held-out accuracy for the private federation next to the same federation
+without privacy ("fed., no DP"), alone, and on pooled data, over 5 splits;
+``summary.json`` records epsilon, delta and that secure aggregation was used.
+The noise here comes from the run's seed: a reproducible simulation, not a
+deployable secret.
+
+MEASURED (see the README's table; jax 0.10.2, 2 CPU cores).
+"""
+
+
+def get_config() -> dict:
+    return {
+        "name": "heart_disease_private",
+        "seed": 0,
+        "data": {"name": "heart_disease", "test_fraction": 0.25, "split_seed": 0},
+        "model": {"name": "mlp", "hidden": (32,)},
+        "client": {
+            "optimizer": "sgd",
+            "learning_rate": 0.01,
+            "momentum": 0.9,
+            "batch_size": 16,
+            "num_epochs": 1,
+            "weighting": "num_examples",
+        },
+        "server": {"algorithm": "fedavg", "learning_rate": 1.0},
+        "cohort": {"sampling": "all"},
+        "rounds": 30,
+        "eval_every": 5,
+        "checkpoint_every": 10,
+        # Every hospital takes part in every round: Poisson sampling with q = 1.
+        "dp": {"clip_norm": 0.5, "noise_multiplier": 1.0, "sampling": "poisson", "delta": 1e-5},
+        "secagg": {"clip_range": 1.0, "frac_bits": 16},
+        "baselines": ("local", "nonprivate", "pooled"),
+        "repeats": 5,
+    }
