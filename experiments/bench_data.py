@@ -40,6 +40,7 @@ import numpy as np
 import optax
 
 from fljax import client, models
+from fljax import random as fl_random
 from fljax.algorithms import fedavg
 from fljax.base import Performance
 from fljax.data import FederatedData, bucketing, prefetch, sampling
@@ -104,8 +105,8 @@ def main():
     data = population(num_clients, median, max_size, args.seed)
     model = models.MLP(hidden=hidden, num_classes=62)
     apply = lambda p, x: model.apply(p, x.astype(jnp.float32) / 255.0)
-    run_key = jax.random.key(args.seed)
-    params = models.init_params(model, (28, 28, 1), jax.random.fold_in(run_key, 10**6))
+    run_key = fl_random.run_key(args.seed)
+    params = models.init_params(model, (28, 28, 1), fl_random.stream(run_key, "init"))
     update = client.local_sgd(apply, optax.sgd(0.05), batch_size=batch)
     plan = bucketing.plan(data.sizes, batch, num_buckets=args.num_buckets)
     for cohort_size in cohorts:
@@ -116,7 +117,7 @@ def main():
         state = algo.init(params)
         big = cohort_size >= 10_000 and not args.quick
         rounds = 1 if big else args.rounds
-        sample_keys = [jax.random.fold_in(jax.random.fold_in(run_key, cohort_size), r) for r in range(rounds)]
+        sample_keys = [fl_random.stream(fl_random.round_key(run_key, r), "sample") for r in range(rounds)]
         picks = [sampling.uniform(sample_keys[r], num_clients, cohort_size) for r in range(rounds)]
         make = lambda r: bucketing.split(data, picks[r][0], picks[r][1], plan, slots=slots)  # noqa: B023
         # warm-up: one client of every bucket length compiles every shape once
@@ -125,18 +126,18 @@ def main():
         first = [int(np.flatnonzero(lengths[np.searchsorted(lengths, steps)] == b)[0]) for b in lengths]
         t0 = time.perf_counter()
         warm = bucketing.split(data, np.array(first), None, plan, slots=slots)
-        _, m = algo.update(state, tuple(warm), jax.random.fold_in(run_key, 99))
+        _, m = algo.update(state, tuple(warm), fl_random.round_key(run_key, 0))
         jax.block_until_ready(m)
         # ... and every [slots, length] shape the measured rounds will use, so that
         # they time training, not compilation
         for r in range(rounds):
-            _, m = algo.update(state, tuple(make(r)), jax.random.fold_in(run_key, 99))
+            _, m = algo.update(state, tuple(make(r)), fl_random.round_key(run_key, 0))
             jax.block_until_ready(m)
         compile_sec = time.perf_counter() - t0
         times, fractions, naive = [], [], []
         for r, cohorts_r in enumerate(prefetch.prefetch(make, range(rounds))):
             t0 = time.perf_counter()
-            state, metrics = algo.update(state, tuple(cohorts_r), jax.random.fold_in(run_key, 10_000 + r))
+            state, metrics = algo.update(state, tuple(cohorts_r), fl_random.round_key(run_key, r))
             jax.block_until_ready(state.params)
             times.append(time.perf_counter() - t0)
             fractions.append(bucketing.padding_fraction(cohorts_r, batch))
@@ -167,13 +168,13 @@ def main():
     merged = jax.device_put(merged)
     step = jax.jit(algo.update)
     t0 = time.perf_counter()
-    state, metrics = step(state, merged, jax.random.fold_in(run_key, 20_000))
+    state, metrics = step(state, merged, fl_random.round_key(run_key, 0))
     jax.block_until_ready(state.params)
     compile_sec = time.perf_counter() - t0
     times = []
     for r in range(args.rounds):
         t0 = time.perf_counter()
-        state, metrics = step(state, merged, jax.random.fold_in(run_key, 20_001 + r))
+        state, metrics = step(state, merged, fl_random.round_key(run_key, 1 + r))
         jax.block_until_ready(state.params)
         times.append(time.perf_counter() - t0)
     sec = float(np.median(times))

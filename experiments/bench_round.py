@@ -96,24 +96,24 @@ def make_cohort(num_clients: int, num_examples: int, image: int, seed: int = 0) 
     )
 
 
-def time_rounds(step, state, cohort, rounds: int):
-    """(compile_sec, [round seconds], [round CPU seconds]): first call timed apart, then one
-    warm-up, then ``rounds``. CPU seconds (this process, all threads) are less sensitive than
-    wall seconds to other processes sharing the machine."""
+def compile_and_warm(step, state, cohort):
+    """(compile_sec, state): the first call timed apart, then one warm-up round."""
     t = time.perf_counter()
     state, _ = step(state, cohort, jax.random.key(0))
     jax.block_until_ready(state)
     compile_sec = time.perf_counter() - t
     state, _ = step(state, cohort, jax.random.key(1))  # warm-up round
     jax.block_until_ready(state)
-    times, cpu = [], []
-    for r in range(rounds):
-        t, c = time.perf_counter(), time.process_time()
-        state, _ = step(state, cohort, jax.random.key(2 + r))
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-    return compile_sec, times, cpu
+    return compile_sec, state
+
+
+def timed_round(step, state, cohort, r: int):
+    """(state, wall seconds, CPU seconds) of one round. CPU seconds (this process, all threads)
+    are less sensitive than wall seconds to other processes sharing the machine."""
+    t, c = time.perf_counter(), time.process_time()
+    state, _ = step(state, cohort, jax.random.key(2 + r))
+    jax.block_until_ready(state)
+    return state, time.perf_counter() - t, time.process_time() - c
 
 
 def aggregator_for(variant: str, cohort_size: int, num_examples: int):
@@ -186,9 +186,10 @@ def bench_torch(args, cohort: Cohort, cohort_size: int) -> float | None:
 def bench_fljax(
     args, cohort_size: int, cohort: Cohort, model, params, formulation: str, variants, torch_sec=None
 ) -> dict:
+    """Every variant's round, timed INTERLEAVED (round r of each variant in turn), so that the
+    ratios to the plain round are measured under the same load even on a noisy shared machine."""
     num_examples = cohort.data.mask.shape[1]
-    plain_sec = plain_cpu = None
-    results = {}
+    runs = {}
     for variant in variants:
         try:
             aggregator = aggregator_for(variant, cohort_size, num_examples)
@@ -209,9 +210,21 @@ def bench_fljax(
         )
         update = update.with_performance(perf)
         algo = fedavg.fedavg(update, aggregator=aggregator).with_performance(perf)
-        per_device = cohort_size // (jax.device_count() if mesh is not None else 1)
         step = jax.jit(algo.update)
-        compile_sec, times, cpu = time_rounds(step, algo.init(params), cohort, args.rounds)
+        compile_sec, state = compile_and_warm(step, algo.init(params), cohort)
+        runs[variant] = dict(
+            step=step, state=state, update=update, mesh=mesh, compile=compile_sec, times=[], cpu=[]
+        )
+    for r in range(args.rounds):
+        for run in runs.values():
+            run["state"], t, c = timed_round(run["step"], run["state"], cohort, r)
+            run["times"].append(t)
+            run["cpu"].append(c)
+    plain = runs.get("plain")
+    results = {}
+    for variant, run in runs.items():
+        times, cpu, mesh = run["times"], run["cpu"], run["mesh"]
+        per_device = cohort_size // (jax.device_count() if mesh is not None else 1)
         sec = statistics.median(times)
         fields = dict(
             system="fljax",
@@ -220,7 +233,7 @@ def bench_fljax(
             cohort=cohort_size,
             sec_per_round=round(sec, 4),
             examples_per_sec=round(cohort_size * num_examples / sec, 1),
-            compile_sec=round(compile_sec, 2),
+            compile_sec=round(run["compile"], 2),
             rounds=len(times),
             round_times=[round(t, 3) for t in times],
             cpu_sec_per_round=round(statistics.median(cpu), 4),
@@ -228,7 +241,7 @@ def bench_fljax(
             chunk_size=args.chunk_size,
             chunk_used=(
                 simulation.auto_chunk_size(
-                    lambda d, k, update=update: update(params, d, k),
+                    lambda d, k, update=run["update"]: update(params, d, k),
                     jax.tree.map(lambda a, m=per_device: a[:m], cohort.data),
                     jax.random.split(jax.random.key(0), per_device),
                 )
@@ -238,14 +251,16 @@ def bench_fljax(
             unroll=args.unroll,
             devices=jax.device_count() if mesh is not None else 1,
         )
-        cpu_sec = statistics.median(cpu)
         if torch_sec is not None:
             fields["speedup_vs_pytorch"] = round(torch_sec / sec, 3)
-        if variant == "plain":
-            plain_sec, plain_cpu = sec, cpu_sec
-        elif plain_sec is not None:
-            fields["ratio_to_plain"] = round(sec / plain_sec, 3)
-            fields["cpu_ratio_to_plain"] = round(cpu_sec / plain_cpu, 3)
+        if plain is not None and variant != "plain":
+            # per-round pairs measured back to back: the median of the paired ratios
+            fields["ratio_to_plain"] = round(
+                statistics.median(t / p for t, p in zip(times, plain["times"], strict=True)), 3
+            )
+            fields["cpu_ratio_to_plain"] = round(
+                statistics.median(c / p for c, p in zip(cpu, plain["cpu"], strict=True)), 3
+            )
         emit(**fields)
         results[variant] = sec
     return results
@@ -369,7 +384,9 @@ def main(argv=None) -> int:
     )
     gflops = matmul_gflops(512 if args.quick else 2048)
     emit(system="matmul_peak", n=512 if args.quick else 2048, gflops=round(gflops, 2))
-    flops = model_flops_per_example(model, params, image)
+    flops = model_flops_per_example(
+        zoo.LeNet(conv_impl="xla"), params, image
+    )  # the conv model, as XLA counts it
     emit(system="model_flops", flops_per_example=round(flops), gflops=round(gflops, 2))
     args.peak = (flops, gflops)  # for fraction_of_peak
 

@@ -37,9 +37,11 @@ from fljax.base import (
     ClientOutput,
     Cohort,
     FederatedAlgorithm,
+    Performance,
     ServerState,
+    StatefulClientUpdate,
 )
-from fljax.data import FederatedData
+from fljax.data import ClientStates, FederatedData
 
 __version__ = "0.1.0"
 
@@ -47,10 +49,13 @@ __all__ = [
     "Aggregator",
     "ClientData",
     "ClientOutput",
+    "ClientStates",
     "Cohort",
     "FederatedAlgorithm",
     "FederatedData",
+    "Performance",
     "ServerState",
+    "StatefulClientUpdate",
     "aggregators",
     "algorithms",
     "base",

@@ -2,7 +2,7 @@
 
 A checkpoint holds the state pytree (e.g. :class:`~fljax.base.ServerState`)
 and a small JSON document of host-side facts (round, privacy spent). No key is
-ever stored: round keys are re-derived with ``fold_in(run_key, round)``, so a
+ever stored: round keys are re-derived with :func:`fljax.random.round_key`, so a
 run resumed from a checkpoint draws the same randomness as an uninterrupted one.
 """
 
