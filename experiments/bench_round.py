@@ -120,18 +120,7 @@ def aggregator_for(variant: str, cohort_size: int, num_examples: int):
     """The round's aggregator; raises ImportError when the module is not available."""
     if variant == "plain":
         return None
-    if variant == "dp":
-        from fljax import privacy
-
-        cfg = privacy.DPConfig(
-            clip_norm=1.0,
-            noise_multiplier=1.0,
-            population_size=max(cohort_size, 100),
-            cohort_size=cohort_size,
-            sampling="fixed",
-        )
-        return privacy.dp(cfg)
-    if variant == "dp_secagg":  # DP over the secure sum: clip, secure sum, noise once
+    if variant in ("dp", "dp_secagg"):  # dp_secagg: DP over the secure sum (clip, secure sum, noise once)
         from fljax import privacy, secagg
 
         cfg = privacy.DPConfig(
@@ -141,7 +130,8 @@ def aggregator_for(variant: str, cohort_size: int, num_examples: int):
             cohort_size=cohort_size,
             sampling="fixed",
         )
-        return privacy.dp(cfg, sum=secagg.secure_sum(secagg.SecAggConfig(clip_range=1.0, frac_bits=16)))
+        secure = secagg.secure_sum(secagg.SecAggConfig(clip_range=1.0, frac_bits=16))
+        return privacy.dp(cfg, sum=secure if variant == "dp_secagg" else None)
     if variant == "secagg":
         from fljax import aggregators, secagg
 

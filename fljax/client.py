@@ -129,7 +129,8 @@ def fast_apply(model, performance: Performance) -> ApplyFn:
     return apply_fn
 
 
-def _weight(num_examples: jax.Array, weighting: str) -> jax.Array:
+def client_weight(num_examples: jax.Array, weighting: str) -> jax.Array:
+    """A client's aggregation weight: its number of examples, or 1 if it has any (``"uniform"``)."""
     return num_examples if weighting == "num_examples" else (num_examples > 0).astype(jnp.float32)
 
 
@@ -279,7 +280,7 @@ def local_sgd(
             )
             n = jnp.sum(data.mask.astype(jnp.float32))
             delta = jax.tree.map(lambda s, p: s - p, server_params, params)
-            return ClientOutput(delta, _weight(n, weighting), {"train_loss": loss, "num_examples": n})
+            return ClientOutput(delta, client_weight(n, weighting), {"train_loss": loss, "num_examples": n})
 
         return client_update
 
@@ -306,7 +307,7 @@ def local_gradient(
         def client_update(server_params: Params, data: ClientData, key: jax.Array) -> ClientOutput:
             grad, loss = grad_fn(server_params, data.x, data.y, data.mask, key)
             n = jnp.sum(data.mask.astype(jnp.float32))
-            return ClientOutput(grad, _weight(n, weighting), {"train_loss": loss, "num_examples": n})
+            return ClientOutput(grad, client_weight(n, weighting), {"train_loss": loss, "num_examples": n})
 
         return client_update
 

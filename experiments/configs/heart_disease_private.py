@@ -24,29 +24,20 @@ aggregation, against 0.806 +- 0.020 for the same federation without privacy;
 epsilon 39.8 at delta 1e-5 (RDP) after 30 rounds. Per-hospital table: README.
 """
 
+import importlib.util
+import pathlib
+
 
 def get_config() -> dict:
-    return {
+    spec = importlib.util.spec_from_file_location(
+        "heart_disease", pathlib.Path(__file__).with_name("heart_disease.py")
+    )
+    base = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(base)
+    return base.get_config() | {
         "name": "heart_disease_private",
-        "seed": 0,
-        "data": {"name": "heart_disease", "test_fraction": 0.25, "split_seed": 0},
-        "model": {"name": "mlp", "hidden": (32,)},
-        "client": {
-            "optimizer": "sgd",
-            "learning_rate": 0.01,
-            "momentum": 0.9,
-            "batch_size": 16,
-            "num_epochs": 1,
-            "weighting": "num_examples",
-        },
-        "server": {"algorithm": "fedavg", "learning_rate": 1.0},
-        "cohort": {"sampling": "all"},
-        "rounds": 30,
-        "eval_every": 5,
-        "checkpoint_every": 10,
         # Every hospital takes part in every round: Poisson sampling with q = 1.
         "dp": {"clip_norm": 0.1, "noise_multiplier": 1.0, "sampling": "poisson", "delta": 1e-5},
         "secagg": {"clip_range": 1.0, "frac_bits": 16},
         "baselines": ("local", "nonprivate", "pooled"),
-        "repeats": 5,
     }

@@ -113,8 +113,8 @@ def scaffold_client(
             )
             delta = (jax.tree.map(jnp.subtract, x, y), jax.tree.map(jnp.subtract, new_c_i, c_i))
             n = jnp.sum(data.mask.astype(jnp.float32))
-            weight = n if weighting == "num_examples" else (n > 0).astype(jnp.float32)
-            return new_c_i, ClientOutput(delta, weight, {"train_loss": loss, "num_examples": n})
+            metrics = {"train_loss": loss, "num_examples": n}
+            return new_c_i, ClientOutput(delta, client.client_weight(n, weighting), metrics)
 
         return update
 

@@ -1,19 +1,11 @@
 """The private main job: DP over secure aggregation through the runner, next to the plain federation."""
 
-import importlib.util
 import json
 import math
-import pathlib
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+from tests.experiments.test_run import REPO, _runner
+
 PRIVATE = str(REPO / "experiments" / "configs" / "heart_disease_private.py")
-
-
-def _runner():
-    spec = importlib.util.spec_from_file_location("fljax_run_private", REPO / "experiments" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_dp_over_secure_aggregation_runs_and_reports_epsilon_delta_and_secagg(tmp_path, capsys):
