@@ -303,3 +303,36 @@ def test_array_errors():
         custom.from_dataframe(frame, client_column="site", label_column="label", feature_columns=["f1"])
     data = custom.from_arrays(x, y, ids, num_classes=2, clients=[0, 1, 2], allow_empty=True)
     np.testing.assert_array_equal(data.sizes, [2, 2, 0])
+
+
+# ---- UCI Heart Disease (shipped) ----------------------------------------------------------
+
+
+def test_heart_disease_standardisation_is_the_federated_helper_with_the_old_numbers(monkeypatch):
+    from fljax.data import standardize
+    from fljax.data.datasets import heart_disease
+
+    calls, fit = [], standardize.fit
+
+    def spy(xs, **kw):
+        calls.append((list(xs), fit(xs, **kw)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(heart_disease.standardize, "fit", spy)
+    d = heart_disease.load(seed=3)
+    ((xs, scaler),) = calls
+    assert len(xs) == 4  # one raw (unstandardised, NaN = missing) block per hospital
+    # The loader's computation before it used fljax.data.standardize, reproduced verbatim.
+    sums = sum(np.nansum(x, axis=0) for x in xs)
+    counts = sum(np.sum(~np.isnan(x), axis=0) for x in xs)
+    mean = sums / counts
+    std = np.sqrt(sum(np.nansum((x - mean) ** 2, axis=0) for x in xs) / counts)
+    np.testing.assert_array_equal(scaler.mean, mean)
+    np.testing.assert_array_equal(scaler.std, std)
+    pooled = np.concatenate(xs)
+    np.testing.assert_allclose(scaler.mean, np.nanmean(pooled, 0), rtol=1e-12)
+    np.testing.assert_allclose(scaler.std, np.nanstd(pooled, 0), rtol=1e-12)
+    numeric = [d.feature_names.index(c) for c in heart_disease._NUMERIC]
+    for c, x in enumerate(xs):
+        old = np.nan_to_num((x - mean) / np.where(std > 0, std, 1.0), nan=0.0).astype(np.float32)
+        np.testing.assert_array_equal(d.train.client(c)[0][:, numeric], old)

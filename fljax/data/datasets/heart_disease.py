@@ -24,6 +24,7 @@ import importlib.resources
 import numpy as np
 import pandas as pd
 
+from fljax.data import standardize
 from fljax.data.federated import FederatedData
 
 SITES = ("cleveland", "hungarian", "switzerland", "va")
@@ -127,14 +128,10 @@ def load(*, test_fraction: float = 0.25, seed: int = 0, path=None) -> HeartDisea
             tr.append(lab[k:])
         train_idx.append(np.sort(np.concatenate(tr)))
         test_idx.append(np.sort(np.concatenate(te)))
-    # Federated standardisation: sums of per-hospital sums over training rows.
-    sums = sum(np.nansum(x_all[i][:, numeric], axis=0) for i in train_idx)
-    counts = sum(np.sum(~np.isnan(x_all[i][:, numeric]), axis=0) for i in train_idx)
-    mean = sums / counts
-    sq = sum(np.nansum((x_all[i][:, numeric] - mean) ** 2, axis=0) for i in train_idx)
-    std = np.sqrt(sq / counts)
+    # Federated standardisation: sums of per-hospital sums over training rows (NaN = missing).
+    scaler = standardize.fit([x_all[i][:, numeric] for i in train_idx])
     x = x_all.copy()
-    x[:, numeric] = np.nan_to_num((x_all[:, numeric] - mean) / np.where(std > 0, std, 1.0), nan=0.0)
+    x[:, numeric] = np.nan_to_num(standardize.apply(x_all[:, numeric], scaler), nan=0.0)
     x = x.astype(np.float32)
     client_names = tuple(SITE_NAMES[s] for s in SITES)
     train = FederatedData.from_partition(x, y_all, train_idx, client_names=client_names, num_classes=2)
