@@ -18,11 +18,10 @@ server SGD (learning rate 1, momentum 0.9, as DP-FedAvgM in McMahan et al.
 at the end) at delta = 1/1000 = 1/population, add/remove one client, unit of
 privacy = one client.
 
-Runtime: 804 s (6 runs of 100 rounds) measured on 2 CPU cores shared with other
-jobs (load average ~10); expect about a third of that on 2 idle cores. Measured
-result (experiments/results/dp_mnist.md), test accuracy after 100 rounds:
-non-private 0.954, z=0 (clip only) 0.954, z=0.5 (eps 30.4) 0.946, z=1 (eps 5.7)
-0.922, z=2 (eps 1.8) 0.869, z=4 (eps 0.73) 0.800 (RDP epsilon at delta=1e-3).
+Runtime: 302 s (6 runs of 100 rounds) measured on 2 CPU cores shared with other
+jobs. Measured result (experiments/results/dp_mnist.md), test accuracy after 100 rounds:
+non-private 0.954, z=0 (clip only) 0.953, z=0.5 (eps 30.4) 0.944, z=1 (eps 5.7)
+0.917, z=2 (eps 1.8) 0.855, z=4 (eps 0.73) 0.796 (RDP epsilon at delta=1e-3).
 """
 
 from __future__ import annotations
