@@ -20,8 +20,23 @@ The coordinate-wise robust means (:func:`median`, :func:`trimmed_mean`) are not
 sums and stand alone.
 
 Examples:
+  A secure mean of two clients' deltas (the third slot is padding: weight 0,
+  it contributes exactly zero), then DP over the same secure sum:
+
+  >>> import jax, jax.numpy as jnp
+  >>> from fljax import aggregators, privacy, secagg
+  >>> params = {"w": jnp.zeros(2)}
+  >>> deltas = {"w": jnp.array([[0.5, 0.0], [0.0, 0.25], [9.0, 9.0]])}
+  >>> weights = jnp.array([1.0, 1.0, 0.0])
   >>> agg = aggregators.mean(secagg.secure_sum(secagg.SecAggConfig()))  # secure mean
+  >>> _, delta, metrics = jax.jit(agg.aggregate)(agg.init(params), deltas, weights, jax.random.key(0))
+  >>> bool(jnp.allclose(delta["w"], jnp.array([0.25, 0.125]), atol=1e-4)), float(metrics["total_weight"])
+  (True, 2.0)
+  >>> dp_config = privacy.DPConfig(clip_norm=1.0, noise_multiplier=1.0, population_size=100, cohort_size=2)
   >>> agg = privacy.dp(dp_config, sum=secagg.secure_sum(secagg.SecAggConfig()))  # DP over it
+  >>> _, noised, metrics = jax.jit(agg.aggregate)(agg.init(params), deltas, weights, jax.random.key(1))
+  >>> noised["w"].shape, float(metrics["dp_noise_std"])
+  ((2,), 1.0)
 """
 
 from __future__ import annotations
@@ -80,8 +95,17 @@ def weighted_sum() -> Aggregator:
       kept), ``num_nonfinite`` and ``num_clients``.
 
     Examples:
-      >>> agg = weighted_sum()
-      >>> state, total, metrics = agg.aggregate(agg.init(params), deltas, weights, key)
+      The third client's delta holds a NaN: it is dropped and counted.
+
+      >>> import jax, jax.numpy as jnp
+      >>> from fljax import aggregators
+      >>> params = {"w": jnp.zeros(2)}
+      >>> deltas = {"w": jnp.array([[1.0, 2.0], [3.0, 4.0], [jnp.nan, 0.0]])}
+      >>> weights = jnp.array([1.0, 2.0, 1.0])
+      >>> agg = aggregators.weighted_sum()
+      >>> state, total, metrics = agg.aggregate(agg.init(params), deltas, weights, jax.random.key(0))
+      >>> total["w"].tolist(), float(metrics["total_weight"]), int(metrics["num_nonfinite"])
+      ([7.0, 10.0], 3.0, 1)
     """
 
     def aggregate(state: PyTree, deltas: Params, weights: jax.Array, key: jax.Array):
@@ -108,7 +132,22 @@ def mean(sum: Aggregator | None = None) -> Aggregator:
       An aggregator with the inner sum's state and metrics.
 
     Examples:
-      >>> secure_mean = mean(secagg.secure_sum(secagg.SecAggConfig(max_weight=512.0)))
+      The plain weighted mean, the mean of no observed weight (zero), and a
+      secure weighted mean for weights up to 512 examples (run in the module
+      example above):
+
+      >>> import jax, jax.numpy as jnp
+      >>> from fljax import aggregators, secagg
+      >>> params = {"w": jnp.zeros(2)}
+      >>> deltas = {"w": jnp.array([[0.5, 0.0], [0.0, 0.25]])}
+      >>> agg = aggregators.mean()
+      >>> _, delta, _ = agg.aggregate(agg.init(params), deltas, jnp.array([100.0, 300.0]), jax.random.key(0))
+      >>> delta["w"].tolist()
+      [0.125, 0.1875]
+      >>> _, delta, metrics = agg.aggregate(agg.init(params), deltas, jnp.zeros(2), jax.random.key(1))
+      >>> delta["w"].tolist(), float(metrics["total_weight"])
+      ([0.0, 0.0], 0.0)
+      >>> secure_mean = aggregators.mean(secagg.secure_sum(secagg.SecAggConfig(max_weight=512.0)))
     """
     inner = weighted_sum() if sum is None else sum
 
@@ -132,9 +171,16 @@ def weighted_mean() -> Aggregator:
     (reported as ``num_nonfinite``). If every weight is zero the result is zero.
 
     Examples:
-      >>> agg = weighted_mean()
+      >>> import jax, jax.numpy as jnp
+      >>> from fljax import aggregators
+      >>> params = {"w": jnp.zeros(2)}
+      >>> deltas = {"w": jnp.array([[1.0, 2.0], [3.0, 4.0], [9.0, 9.0]])}
+      >>> weights = jnp.array([1.0, 3.0, 0.0])  # examples per client; the last slot is padding
+      >>> agg = aggregators.weighted_mean()
       >>> state = agg.init(params)
-      >>> state, delta, metrics = agg.aggregate(state, deltas, weights, key)
+      >>> state, delta, metrics = agg.aggregate(state, deltas, weights, jax.random.key(0))
+      >>> delta["w"].tolist()  # (1 * [1, 2] + 3 * [3, 4]) / 4
+      [2.5, 3.5]
     """
     return mean(weighted_sum())
 

@@ -246,8 +246,25 @@ def local_sgd(
       decides the fast conv path, compute dtype and scan unrolling.
 
     Examples:
-      >>> update = local_sgd(models.LeNet(), optax.sgd(0.01, momentum=0.9), batch_size=32)
-      >>> out = update(params, client_data, key)
+      One client with five examples and one padding example:
+
+      >>> import jax, numpy as np, optax
+      >>> from fljax import client, models
+      >>> from fljax.base import ClientData
+      >>> model = models.MLP(hidden=(8,), num_classes=3)
+      >>> params = models.init_params(model, (4,), jax.random.key(0))
+      >>> rng = np.random.default_rng(0)
+      >>> client_data = ClientData(
+      ...     x=rng.normal(size=(6, 4)).astype(np.float32),
+      ...     y=rng.integers(0, 3, 6).astype(np.int32),
+      ...     mask=np.array([True] * 5 + [False]),
+      ... )
+      >>> update = client.local_sgd(model, optax.sgd(0.1, momentum=0.9), batch_size=3)
+      >>> out = update(params, client_data, jax.random.key(1))
+      >>> float(out.weight), float(out.metrics["num_examples"])
+      (5.0, 5.0)
+      >>> jax.tree.map(np.shape, out.delta) == jax.tree.map(np.shape, params)
+      True
     """
     _check_options(batch_size, num_epochs, weighting, max_steps)
     if proximal_mu < 0:

@@ -224,8 +224,22 @@ def accelerate(
       ValueError: for an unknown ``impl`` or ``layout`` (when ``accelerate`` is called).
 
     Examples:
-      >>> apply = fast.accelerate(flax_model.apply, layout="channels_last")
-      >>> logits = jax.vmap(apply, in_axes=(0, None))(cohort_params, x)
+      A plain flax convolution, vmapped over three clients' weights:
+
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import linen
+      >>> from fljax import fast
+      >>> flax_model = linen.Conv(4, (3, 3), padding="VALID")
+      >>> x = jnp.ones((2, 6, 6, 1))
+      >>> keys = jax.random.split(jax.random.key(0), 3)
+      >>> cohort_params = jax.vmap(flax_model.init, in_axes=(0, None))(keys, x)
+      >>> apply = fast.accelerate(flax_model.apply, impl="matmul", layout="channels_last")
+      >>> out = jax.jit(jax.vmap(apply, in_axes=(0, None)))(cohort_params, x)
+      >>> out.shape
+      (3, 2, 4, 4, 4)
+      >>> ref = jax.jit(jax.vmap(flax_model.apply, in_axes=(0, None)))(cohort_params, x)
+      >>> bool(jnp.allclose(out, ref, atol=1e-5))
+      True
     """
 
     layers.check_impl(impl)

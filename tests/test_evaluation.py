@@ -1,5 +1,3 @@
-import doctest
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -282,8 +280,3 @@ def test_federated_auc_of_a_one_class_client_is_nan_and_skipped():
     rows = evaluation.per_client_table(res, ["A", "B"])
     assert [r["client"] for r in rows] == ["A", "B"]
     assert rows[1]["auc"] == res["per_client_auc"][1] and rows[0]["num_examples"] == 10
-
-
-def test_doctests():
-    result = doctest.testmod(evaluation)
-    assert result.attempted > 0 and result.failed == 0

@@ -1,5 +1,3 @@
-import doctest
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,8 +106,3 @@ def test_class_weights_from_federated_counts_equal_pooled():
     w_fed = losses.class_weights(losses.label_counts(_population(labels, splits, 3)).sum(axis=0))
     w_pooled = losses.class_weights(np.bincount(labels, minlength=3))
     np.testing.assert_array_equal(w_fed, w_pooled)
-
-
-def test_doctests():
-    result = doctest.testmod(losses)
-    assert result.attempted > 0 and result.failed == 0

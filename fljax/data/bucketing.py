@@ -29,10 +29,32 @@ also caps the padded length; larger clients keep a fixed random subset, see
 :meth:`FederatedData.cohort`).
 
 Examples:
-  >>> p = bucketing.plan(data.sizes, batch_size=20, num_buckets=12)
-  >>> algo = fedavg.fedavg(client.local_sgd(model, optax.sgd(0.1), batch_size=20))
-  >>> cohorts = bucketing.split(data, ids, mask, p)
-  >>> state, metrics = algo.update(state, tuple(cohorts), key)   # a tuple of cohorts: size buckets
+  Six clients of 1 to 12 examples in two buckets, padded to 4 and 12 examples:
+
+  >>> import jax, numpy as np, optax
+  >>> from fljax import client, models
+  >>> from fljax.algorithms import fedavg
+  >>> from fljax.data import FederatedData, bucketing
+  >>> rng = np.random.default_rng(0)
+  >>> data = FederatedData.from_clients(
+  ...     [(rng.normal(size=(n, 4)).astype(np.float32), rng.integers(0, 3, n).astype(np.int32))
+  ...      for n in (1, 2, 3, 4, 10, 12)],
+  ...     num_classes=3,
+  ... )
+  >>> p = bucketing.plan(data.sizes, batch_size=2, num_buckets=2)
+  >>> p.lengths
+  (4, 12)
+  >>> ids, mask = np.arange(6), np.ones(6, bool)  # e.g. from fljax.data.sampling
+  >>> cohorts = bucketing.split(data, ids, mask, p, slots=4)
+  >>> [c.data.mask.shape for c in cohorts]  # [slots, padded examples], longest last
+  [(4, 4), (4, 12)]
+  >>> model = models.LogisticRegression(num_classes=3)
+  >>> algo = fedavg.fedavg(client.local_sgd(model, optax.sgd(0.1), batch_size=2))
+  >>> state = algo.init(models.init_params(model, (4,), jax.random.key(0)))
+  >>> step = jax.jit(algo.update)
+  >>> state, metrics = step(state, tuple(cohorts), jax.random.key(1))  # a tuple of cohorts: size buckets
+  >>> int(state.round)
+  1
 """
 
 from __future__ import annotations

@@ -33,8 +33,22 @@ class ClientStates:
       num_clients: the population size.
 
     Examples:
+      SCAFFOLD's control variates for a population of five clients:
+
+      >>> import jax, numpy as np
+      >>> from fljax import models
+      >>> from fljax.algorithms import scaffold
+      >>> from fljax.data import ClientStates, FederatedData
+      >>> data = FederatedData.from_clients([(np.ones((2, 3), np.float32), np.zeros(2, np.int32))] * 5)
+      >>> model = models.LogisticRegression(num_classes=2)
+      >>> params = models.init_params(model, (3,), jax.random.key(0))
+      >>> update = scaffold.scaffold_client(model, 0.1, batch_size=2)
       >>> states = ClientStates(update.init(params), data.num_clients)
-      >>> cohort = states.attach(data.cohort(ids))
+      >>> [leaf.shape for leaf in jax.tree.leaves(states.tree)]  # [num_clients, ...] per leaf
+      [(5, 2), (5, 3, 2)]
+      >>> cohort = states.attach(data.cohort([3, 1, -1]))  # -1: a padding slot
+      >>> [leaf.shape for leaf in jax.tree.leaves(cohort.client_states)]
+      [(3, 2), (3, 3, 2)]
     """
 
     def __init__(self, template: PyTree, num_clients: int):

@@ -6,9 +6,22 @@ runs ``make(r + 1)`` (gather + ``jax.device_put``, which is asynchronous) in a
 background thread while the caller computes round ``r``.
 
 Examples:
-  >>> make = lambda r: bucketing.split(data, *sampling.uniform(round_key(r), n, 100), plan)
-  >>> for r, cohorts in enumerate(prefetch.prefetch(make, range(num_rounds))):
-  ...     state, metrics = algo.update(state, cohorts, round_key(r))
+  >>> import jax, numpy as np
+  >>> from fljax import random
+  >>> from fljax.data import FederatedData, prefetch, sampling
+  >>> clients = [(np.ones((n, 2), np.float32), np.zeros(n, np.int32)) for n in (1, 2, 3)]
+  >>> data = FederatedData.from_clients(clients)
+  >>> run_key = random.run_key(seed=0)
+  >>> def make(r):  # gathers round r's cohort on the host
+  ...     key = random.stream(random.round_key(run_key, r), "sample")
+  ...     ids, mask = sampling.uniform(key, data.num_clients, 2)
+  ...     return data.cohort(ids, client_mask=mask)
+  >>> for r, cohort in enumerate(prefetch.prefetch(make, range(3))):
+  ...     # state, metrics = step(state, cohort, random.round_key(run_key, r))
+  ...     print(r, cohort.data.x.shape, isinstance(cohort.data.x, jax.Array))
+  0 (2, 3, 2) True
+  1 (2, 3, 2) True
+  2 (2, 3, 2) True
 """
 
 from __future__ import annotations

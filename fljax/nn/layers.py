@@ -330,10 +330,12 @@ def conv_general_dilated(
     clients, where XLA would emit a grouped convolution. Gradients are those of
     slices, a concatenation and matmuls (pads and matmuls).
 
+    ``lhs``, ``rhs``, ``window_strides``, ``padding``, ``lhs_dilation``,
+    ``rhs_dilation``, ``dimension_numbers``, ``feature_group_count``,
+    ``batch_group_count``, ``precision`` and ``preferred_element_type`` are as in
+    ``lax.conv_general_dilated``.
+
     Args:
-      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-      dimension_numbers, feature_group_count, batch_group_count, precision,
-      preferred_element_type: as in ``lax.conv_general_dilated``.
       impl: ``"auto"`` (the matmul form on CPU, XLA's convolution on GPU/TPU),
         ``"matmul"`` (always the matmul form) or ``"xla"`` (always XLA's).
         Configurations outside :func:`supports_conv` always use XLA.
@@ -452,10 +454,10 @@ def max_pool(
 
     Non-overlapping, unpadded windows are computed as pairwise maxima of strided
     slices (elementwise work, with an elementwise gradient); other
-    configurations use ``flax.linen.max_pool``.
+    configurations use ``flax.linen.max_pool``. ``inputs``, ``window_shape``,
+    ``strides`` and ``padding`` are as in ``flax.linen.max_pool``.
 
     Args:
-      inputs, window_shape, strides, padding: as in ``flax.linen.max_pool``.
       impl: ``"auto"`` (pairwise maxima on CPU, ``flax.linen.max_pool`` on
         GPU/TPU), ``"matmul"`` (always pairwise maxima) or ``"xla"`` (always
         ``flax.linen.max_pool``).
@@ -494,7 +496,17 @@ class Conv(nn.Conv):
         to it). Results and gradients are the same either way.
 
     Examples:
-      >>> y = Conv(6, (5, 5), padding="VALID", impl="matmul").apply(params, x)
+      >>> import jax, jax.numpy as jnp
+      >>> from fljax import nn
+      >>> x = jnp.ones((2, 8, 8, 3))
+      >>> conv = nn.Conv(6, (5, 5), padding="VALID", impl="matmul")
+      >>> params = conv.init(jax.random.key(0), x)
+      >>> y = jax.jit(conv.apply)(params, x)
+      >>> y.shape
+      (2, 4, 4, 6)
+      >>> y_xla = nn.Conv(6, (5, 5), padding="VALID", impl="xla").apply(params, x)  # same params
+      >>> bool(jnp.allclose(y, y_xla, atol=1e-5))
+      True
     """
 
     impl: Impl = "auto"

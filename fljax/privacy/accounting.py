@@ -20,11 +20,20 @@ Events:
 * DP-SGD: ``SelfComposed(PoissonSampled(batch / n, Gaussian(z)), steps)``.
 
 Examples:
-  >>> ledger = PrivacyLedger(config, budget_epsilon=8.0)
-  >>> for r in range(rounds):
+  >>> from fljax import privacy
+  >>> config = privacy.DPConfig(clip_norm=1.0, noise_multiplier=1.0, population_size=1000, cohort_size=10)
+  >>> ledger = privacy.PrivacyLedger(config, budget_epsilon=1.0)
+  >>> history = []
+  >>> for r in range(3):
   ...     ledger.check(1)            # raises PrivacyBudgetExceededError before overspending
-  ...     state, metrics = step(state, cohort, key)
-  ...     eps = ledger.step(1)       # epsilon spent so far, logged per round
+  ...     # state, metrics = step(state, cohort, key)
+  ...     history.append(ledger.step(1))  # epsilon spent so far, logged per round
+  >>> history == sorted(history) and 0 < history[-1] <= 1.0
+  True
+  >>> ledger.check(ledger.max_rounds() - ledger.rounds + 1)  # doctest: +ELLIPSIS
+  Traceback (most recent call last):
+  ...
+  fljax.privacy.accounting.PrivacyBudgetExceededError: privacy budget exhausted: 3 rounds spent ...
 """
 
 from __future__ import annotations

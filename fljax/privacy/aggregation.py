@@ -154,9 +154,30 @@ def dp(config: DPConfig, sum: Aggregator | None = None) -> Aggregator:
       ``num_dropped``, ``num_range_clipped``, ``aborted``).
 
     Examples:
-      >>> cfg = DPConfig(clip_norm=1.0, noise_multiplier=1.0, population_size=1000, cohort_size=100)
-      >>> algo = fedavg.fedavg(client_update, aggregator=dp(cfg))
-      >>> algo = fedavg.fedavg(client_update, aggregator=dp(cfg, sum=secagg.secure_sum(SecAggConfig())))
+      Without noise, the result is the sum of the clipped updates over the fixed
+      denominator (``cohort_size``), whatever weight was observed:
+
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from fljax import client, models, privacy, secagg
+      >>> from fljax.algorithms import fedavg
+      >>> params = {"w": jnp.zeros(2)}
+      >>> deltas = {"w": jnp.array([[0.3, 0.4], [3.0, 4.0], [1.0, 1.0]])}  # norms 0.5, 5, 1.41
+      >>> weights = jnp.array([10.0, 20.0, 0.0])  # uniform weighting: 1 per client; 0 is padding
+      >>> cfg = privacy.DPConfig(clip_norm=1.0, noise_multiplier=0.0, population_size=100, cohort_size=2)
+      >>> agg = privacy.dp(cfg)
+      >>> _, delta, metrics = agg.aggregate(agg.init(params), deltas, weights, jax.random.key(0))
+      >>> [round(float(v), 4) for v in delta["w"]]  # ([0.3, 0.4] + [0.6, 0.8]) / 2
+      [0.45, 0.6]
+      >>> int(metrics["num_clipped"])
+      1
+
+      With noise, as FedAvg's aggregator, over the plain or a secure sum:
+
+      >>> cfg = privacy.DPConfig(clip_norm=1.0, noise_multiplier=1.0, population_size=1000, cohort_size=100)
+      >>> client_update = client.local_sgd(models.LogisticRegression(), optax.sgd(0.1), batch_size=8)
+      >>> algo = fedavg.fedavg(client_update, aggregator=privacy.dp(cfg))
+      >>> secure_sum = secagg.secure_sum(secagg.SecAggConfig())
+      >>> algo = fedavg.fedavg(client_update, aggregator=privacy.dp(cfg, sum=secure_sum))
     """
     inner = aggregators.weighted_sum() if sum is None else sum
     per_leaf = config.clip_scheme == "per_layer"

@@ -147,8 +147,10 @@ def open_message(
     """Parse, authenticate and check one message; return its header and payload.
 
     Raises:
-      MalformedMessage, BadSignature, ReplayedMessage (another round),
-      UnexpectedMessage (wrong step, recipient or unknown sender).
+      MalformedMessage: bytes that do not parse.
+      BadSignature: a signature that does not verify.
+      ReplayedMessage: a message from another round, or a second one in a step.
+      UnexpectedMessage: the wrong step or recipient, or an unknown sender.
     """
     header = peek(data)
     key = verify_keys.get(header.sender)

@@ -322,9 +322,14 @@ class Server:
     def receive(self, data: bytes) -> None:
         """Authenticate and store one client message of the current step.
 
+        A rejected message (any of the errors below) leaves the server's
+        state unchanged.
+
         Raises:
-          MalformedMessage, BadSignature, ReplayedMessage, UnexpectedMessage:
-          the message is rejected and the server's state is unchanged.
+          MalformedMessage: bytes that do not parse.
+          BadSignature: a signature that does not verify.
+          ReplayedMessage: a message from another round, or a second one in a step.
+          UnexpectedMessage: the wrong step or recipient, or an unknown sender.
         """
         header, payload = msg.open_message(
             data, self._verify, step=self.step, round_id=self.round_id, recipient=msg.SERVER

@@ -1,5 +1,3 @@
-import doctest
-
 import numpy as np
 import pytest
 
@@ -110,8 +108,3 @@ def test_errors():
         standardize.client_statistics([np.zeros((2, 3)), np.zeros((2, 4))])
     with pytest.raises(ValueError, match="no clients"):
         standardize.client_statistics([])
-
-
-def test_doctests():
-    result = doctest.testmod(standardize)
-    assert result.attempted > 0 and result.failed == 0

@@ -5,8 +5,23 @@ lengths, NaN or inf features, labels outside ``[0, num_classes)``, clients
 without examples, unknown columns.
 
 Examples:
-  >>> data = custom.from_dataframe(df, client_column="hospital", label_column="outcome")
+  >>> import numpy as np, pandas as pd
+  >>> from fljax.data.datasets import custom
+  >>> df = pd.DataFrame({
+  ...     "hospital": ["a", "b", "a", "c", "b"],
+  ...     "age": [61, 45, 70, 38, 52],
+  ...     "sex": ["f", "m", "m", "f", "f"],
+  ...     "outcome": [1, 0, 1, 0, 0],
+  ... })
+  >>> data = custom.from_dataframe(df, client_column="hospital", label_column="outcome", one_hot=True)
+  >>> data.client_names, data.sizes.tolist(), data.x.shape  # age, sex=f, sex=m
+  (('a', 'b', 'c'), [2, 2, 1], (5, 3))
+  >>> x = np.arange(12, dtype=np.float32).reshape(6, 2)
+  >>> y = np.array([0, 1, 1, 0, 1, 0])
+  >>> site = np.array([2, 2, 5, 5, 5, 9])
   >>> data = custom.from_arrays(x, y, client_ids=site, num_classes=2)
+  >>> data.client_names, data.sizes.tolist(), data.y.dtype
+  (('2', '5', '9'), [2, 3, 1], dtype('int32'))
 """
 
 from __future__ import annotations
@@ -116,7 +131,8 @@ def from_dataframe(
       feature_columns: feature columns (default: every other column).
       num_classes: see :func:`from_arrays`.
       one_hot: one-hot encode non-numeric feature columns (otherwise they raise).
-      clients, allow_empty: see :func:`from_arrays`.
+      clients: see :func:`from_arrays`.
+      allow_empty: see :func:`from_arrays`.
 
     Returns:
       :class:`FederatedData` with ``x`` float32 ``[N, features]`` in

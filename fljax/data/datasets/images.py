@@ -225,11 +225,11 @@ def emnist(
     Local files: the idx files of the EMNIST "gzip" distribution
     (``emnist-byclass-train-images-idx3-ubyte.gz`` ...) in folder ``emnist``.
     Those images are stored transposed; they are returned upright, as tfds does.
-    Class counts per ``subset``: :data:`EMNIST_SPLITS`.
+    Class counts per ``subset``: :data:`EMNIST_SPLITS`. Other arguments as
+    :func:`mnist`.
 
     Args:
       subset: one of :data:`EMNIST_SPLITS`.
-      others as :func:`mnist`.
 
     Returns:
       ``(x, y)``.
@@ -258,11 +258,11 @@ def cifar100(
 
     Local files: the official python version's ``train`` and ``test`` pickles
     (``cifar-100-python/``) in folder ``cifar100``, or that folder itself. Only
-    load pickles you trust: unpickling can run code.
+    load pickles you trust: unpickling can run code. Other arguments as
+    :func:`mnist`.
 
     Args:
       label: ``"fine"`` (100 classes) or ``"coarse"`` (20 superclasses).
-      others as :func:`mnist`.
 
     Returns:
       ``(x, y)``.
