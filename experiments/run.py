@@ -2,24 +2,53 @@
 
 Usage:
   python experiments/run.py --config experiments/configs/heart_disease.py [--set a.b=value ...]
-                            [--out DIR] [--resume]
+                            [--out DIR] [--resume | --overwrite]
 
 A config file defines ``get_config() -> dict``. Each run writes into its output
 folder: ``config.json``, ``run_info.json`` (git revision, python/jax/jaxlib
-versions, device), ``metrics.jsonl`` (one JSON object per round), checkpoints
-(orbax), ``summary.json`` (final metrics, privacy spent) and ``curves.png``.
+versions, device; a resumed run adds its own under ``resumed``), ``metrics.jsonl``
+(one JSON object per round), the last 3 orbax checkpoints, ``summary.json``
+(final metrics, privacy spent) and ``curves.png``.
+
+Results are never lost:
+
+- a run takes ``<out>/.lock`` (``flock``) before it writes anything, so a second
+  run in the same folder stops at once (exit code 2); the kernel releases the
+  lock when a run ends, even by ``kill -9``;
+- a folder that holds results (``metrics.jsonl``, ``checkpoints``,
+  ``summary.json``, ``repeats``) is neither overwritten nor deleted unless
+  ``--overwrite`` is given: without it, or ``--resume``, the run stops (exit 2);
+- ``--resume`` stops (exit 2, one line naming each differing key, old -> new)
+  when the config differs from the stored ``config.json``, except for the keys
+  in ``RESUMABLE``: ``rounds`` (up only, to extend a run), ``eval_every``,
+  ``checkpoint_every``, ``baselines`` and ``repeats``. Anything under ``dp`` is
+  never accepted: the privacy already spent was accounted with the stored config.
+
+Crash safety: each round's metrics line is written (one write, then fsync)
+before that round's checkpoint, and checkpoints are saved atomically. After a
+``kill -9`` at any moment, ``--resume`` restores the newest readable checkpoint
+whose rounds all have complete metrics lines, drops a torn last line and any
+later rows and checkpoints, and recomputes them: metrics and state equal those
+of an uninterrupted run bit for bit (round keys are re-derived from the seed).
+A damaged latest checkpoint (orbax error, or state not matching the digest
+saved with it) is reported in one ``fljax: warning:`` line on stderr and the
+previous one is used. ``FLJAX_TEST_CRASH`` is a test hook (see ``CRASH_ENV``).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import copy
+import fcntl
 import importlib.util
 import json
+import os
 import pathlib
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -225,7 +254,17 @@ def train(
     progress=True,
     desc="federated",
 ):
-    """Runs ``config['rounds']`` rounds; returns (final ServerState, list of per-round records)."""
+    """Runs ``config['rounds']`` rounds; returns (final ServerState, list of per-round records).
+
+    With ``out_dir``, each round's record is appended to ``out_dir/metrics.jsonl`` (one write of
+    a whole line, then fsync) BEFORE that round's checkpoint is saved, so every checkpoint has
+    all its rounds' metrics on disk. ``resume=True`` continues from the newest readable
+    checkpoint whose rounds all have complete metrics lines: a torn last line, rows after that
+    round and newer checkpoints are dropped and recomputed, which gives the records and state
+    of an uninterrupted run bit for bit (round keys are re-derived from the seed). Without
+    ``resume``, an ``out_dir`` that already holds metrics or checkpoints raises
+    ``FileExistsError``: nothing is ever deleted here.
+    """
     from tqdm import tqdm
 
     run_key = fl_random.run_key(config["seed"])
@@ -240,18 +279,16 @@ def train(
     records, start = [], 0
     ckpt_dir = None if out_dir is None else pathlib.Path(out_dir) / "checkpoints"
     metrics_path = None if out_dir is None else pathlib.Path(out_dir) / "metrics.jsonl"
-    if not resume and ckpt_dir is not None and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)  # a fresh run replaces the previous run's checkpoints
-    if resume and ckpt_dir is not None and checkpoint.latest_step(ckpt_dir) is not None:
-        start = checkpoint.latest_step(ckpt_dir)
-        state, _ = checkpoint.restore(ckpt_dir, start, state)
-        if ledger is not None:
-            ledger.step(start)
-        if metrics_path.exists():
-            records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-            records = [r for r in records if r["round"] <= start]
-    if metrics_path is not None:
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    if out_dir is not None:
+        pathlib.Path(out_dir).mkdir(parents=True, exist_ok=True)
+        if resume:
+            start, state, records = _resume(ckpt_dir, metrics_path, state, ledger)
+        elif _results(pathlib.Path(out_dir), names=("metrics.jsonl", "checkpoints")):
+            raise FileExistsError(
+                f"{out_dir} holds metrics or checkpoints of an earlier run; pass resume=True"
+            )
+        else:
+            _write_atomic(metrics_path, "")
     # Pad to a multiple of 4 batches so that populations of similar sizes (other
     # splits, other clients) share one compiled round; padding is a no-op.
     multiple = 4 * config["client"].get("batch_size", 1)
@@ -259,7 +296,13 @@ def train(
     rounds, every = config["rounds"], config.get("eval_every", 1)
     ck_every = config.get("checkpoint_every", 0)
     bar = tqdm(range(start, rounds), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    stopped = None
+    stopped, done, saved = None, start, start
+
+    def save():
+        extra = {"round": done, "epsilon": None if ledger is None else ledger.epsilon()}
+        with _crash_hook("save", done):
+            checkpoint.save(ckpt_dir, done, state, extra)
+
     for r in bar:
         t0 = time.perf_counter()
         if ledger is not None and not ledger.can_run(1):
@@ -286,20 +329,149 @@ def train(
         if eval_fn is not None and ((r + 1) % every == 0 or r + 1 == rounds):
             record.update(eval_fn(state.params))
         records.append(record)
+        done = r + 1
         if metrics_path is not None:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        if ckpt_dir is not None and ck_every and ((r + 1) % ck_every == 0 or r + 1 == rounds):
-            checkpoint.save(ckpt_dir, r + 1, state, {"round": r + 1})
+            _append_line(metrics_path, json.dumps(record) + "\n", crash=_crash_point("metrics", done))
+        if ckpt_dir is not None and ck_every and (done % ck_every == 0 or done == rounds):
+            save()
+            saved = done
         shown = {
             k: record[k] for k in ("client_train_loss", "test_accuracy", "fed_mean_accuracy") if k in record
         }
         bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
+    if ckpt_dir is not None and ck_every and saved != done:  # stopped by the privacy budget
+        save()
     privacy_summary = {"epsilon": float("inf"), "note": "no differential privacy configured"}
     if ledger is not None:
         privacy_summary = ledger.summary() | {"stopped": stopped}
     train.last_privacy = privacy_summary
     return state, records
+
+
+def _resume(ckpt_dir: pathlib.Path, metrics_path: pathlib.Path, state, ledger):
+    """(start round, state, records) to continue a run from; tidies its folder to match.
+
+    The start is the newest readable checkpoint whose rounds all have a complete metrics line;
+    an unreadable newer checkpoint is reported in one line on stderr and skipped. Metrics lines
+    and checkpoints after the start are removed (they are recomputed identically), so a kill
+    at any point in here leaves a folder that resumes the same way.
+    """
+    rows, dropped = _read_metrics(metrics_path)
+    found = checkpoint.restore_latest(
+        ckpt_dir, state, max_step=len(rows), on_unreadable=lambda msg: _note(f"warning: {msg}")
+    )
+    start, extra = 0, {}
+    if found is not None:
+        start, state, extra = found
+    if ledger is not None:
+        spent = extra.get("epsilon")
+        if spent is not None and not np.isclose(spent, ledger.epsilon(start), rtol=1e-9, atol=0):
+            raise ValueError(
+                f"checkpoint round {start} recorded epsilon {spent} but this DP config gives "
+                f"{ledger.epsilon(start)} after {start} rounds: the DP config changed; start a new run"
+            )
+        if start:
+            ledger.step(start)
+    # Rows first: once they end at ``start``, a kill while deleting never makes later
+    # checkpoints candidates again.
+    _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows[:start]))
+    later = checkpoint.delete_after(ckpt_dir, start)
+    if start or rows or later or dropped:
+        redo = sorted({*range(start + 1, len(rows) + 1), *later})
+        _note(
+            f"resuming after round {start}"
+            + (f"; recomputing rounds {_ranges(redo)}" if redo else "")
+            + (
+                f"; dropped {dropped} torn or unreadable metrics line(s) after round {len(rows)}"
+                if dropped
+                else ""
+            )
+        )
+    return start, state, rows[:start]
+
+
+def _read_metrics(path: pathlib.Path) -> tuple[list[dict], int]:
+    """The complete leading rows of ``metrics.jsonl`` (rounds 1, 2, ...) and how many lines follow
+    them: a torn or unreadable line ends the rows."""
+    if not path.exists():
+        return [], 0
+    pieces = path.read_bytes().split(b"\n")
+    complete, last = pieces[:-1], pieces[-1]  # a last piece without "\n" is torn
+    rows = []
+    for line in complete:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            break
+        if not isinstance(row, dict) or row.get("round") != len(rows) + 1:
+            break
+        rows.append(row)
+    return rows, len(complete) - len(rows) + bool(last)
+
+
+def _ranges(values: list[int]) -> str:
+    if len(values) > 2 and values == list(range(values[0], values[-1] + 1)):
+        return f"{values[0]}-{values[-1]}"
+    return ", ".join(map(str, values))
+
+
+def _note(message: str) -> None:
+    print(f"fljax: {message}", file=sys.stderr, flush=True)
+
+
+def _append_line(path: pathlib.Path, line: str, *, crash: bool = False) -> None:
+    """Append ``line`` with one write, then fsync: a kill leaves at most one torn last line."""
+    data = line.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if crash:  # test hook: the process dies half-way through the line
+            os.write(fd, data[: len(data) // 2])
+            os.fsync(fd)
+            os.kill(os.getpid(), signal.SIGKILL)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    """Replace ``path`` by ``text`` all at once (write a temporary file, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# Test hook, for tests/experiments/test_crash.py only: FLJAX_TEST_CRASH="metrics:3" makes the
+# trainer kill itself with SIGKILL half-way through writing round 3's metrics line, and
+# FLJAX_TEST_CRASH="save:4" inside round 4's checkpoint save (all data written to orbax's
+# temporary folder, before it is committed). Unset, it does nothing.
+CRASH_ENV = "FLJAX_TEST_CRASH"
+
+
+def _crash_point(where: str, round_: int) -> bool:
+    return os.environ.get(CRASH_ENV) == f"{where}:{round_}"
+
+
+@contextlib.contextmanager
+def _crash_hook(where: str, round_: int):
+    if not _crash_point(where, round_):
+        yield
+        return
+    from orbax.checkpoint.path import atomicity
+
+    def finalize(self):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    original = atomicity.AtomicRenameTemporaryPath.finalize
+    atomicity.AtomicRenameTemporaryPath.finalize = finalize
+    try:
+        yield
+    finally:
+        atomicity.AtomicRenameTemporaryPath.finalize = original
+    raise RuntimeError(f"{CRASH_ENV}={where}:{round_} did not kill the process (orbax changed?)")
 
 
 _ROUNDS: dict = {}
@@ -428,8 +600,9 @@ def run_once(config: dict, out: pathlib.Path, *, resume=False, progress=True, ve
                 desc="pooled data",
             )
             table["pooled"] = recs[-1]["per"]
-    (out / "summary.json").write_text(
-        json.dumps(summary | {"per_client_test_accuracy": table}, indent=1, default=_jsonable)
+    _write_atomic(
+        out / "summary.json",
+        json.dumps(summary | {"per_client_test_accuracy": table}, indent=1, default=_jsonable),
     )
     return {"summary": summary, "records": records, "table": table}
 
@@ -441,14 +614,130 @@ def main(argv=None) -> dict:
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default=None, help="output folder (default runs/<config name>)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its newest readable checkpoint (the config must match)",
+    )
+    mode.add_argument(
+        "--overwrite", action="store_true", help="delete the results of an earlier run in --out first"
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.set)
     out = pathlib.Path(args.out or REPO / "runs" / config["name"])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
-    (out / "run_info.json").write_text(json.dumps(run_info(), indent=1))
+    lock = _lock(out, parser)
+    try:
+        previous = _check_out(out, config, args, parser)
+        if args.overwrite:
+            _clear(out)
+        info = run_info()
+        if args.resume and previous is not None:  # keep the first run's facts, add this one's
+            info = previous | {"resumed": [*previous.get("resumed", []), info]}
+        _write_atomic(out / "config.json", json.dumps(config, indent=1, default=str))
+        _write_atomic(out / "run_info.json", json.dumps(info, indent=1))
+        return _run_repeats(config, out, args)
+    finally:
+        os.close(lock)  # releases the lock
+
+
+# What a run folder holds that must never be lost without --overwrite.
+RESULTS = ("metrics.jsonl", "checkpoints", "summary.json", "repeats")
+# Everything a run writes, deleted by --overwrite (never the folder itself, which may hold more).
+OUTPUTS = (*RESULTS, "config.json", "run_info.json", "curves.png")
+
+# Config keys that --resume lets differ from the stored config.json, and why each is harmless.
+# Any other difference is refused, always one under "dp": the privacy already spent was
+# accounted with the stored config.
+RESUMABLE = {
+    "rounds": "may grow to extend a run: the rounds already run are the same (never shrink)",
+    "eval_every": "changes what is measured, not what is trained",
+    "checkpoint_every": "changes when the state is saved, not what is computed",
+    "baselines": "baselines are trained from scratch after the federated run, never resumed",
+    "repeats": "each repeat is a run of its own in <out>/repeats/<i>, resumed or started alone",
+}
+
+
+def _results(out: pathlib.Path, names=RESULTS) -> list[str]:
+    """The names in ``names`` under ``out`` that hold something (an empty file or folder does not)."""
+    found = []
+    for name in names:
+        p = out / name
+        if (p.is_file() and p.stat().st_size) or (p.is_dir() and any(p.iterdir())):
+            found.append(name)
+    return found
+
+
+def _lock(out: pathlib.Path, parser) -> int:
+    """Take ``out/.lock`` (``flock``, released by the kernel when the process ends, even on kill -9)."""
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        parser.exit(2, f"run.py: error: another run (pid {holder}) is writing to {out}; use another --out\n")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _check_out(out: pathlib.Path, config: dict, args, parser) -> dict | None:
+    """Refuse (exit 2) to destroy results or to resume with another config; returns the stored run_info."""
+    found = _results(out)
+    if found and not (args.resume or args.overwrite):
+        parser.exit(
+            2,
+            f"run.py: error: {out} holds results of an earlier run ({', '.join(found)}); "
+            "use --resume to continue it, --overwrite to replace it, or another --out\n",
+        )
+    if not args.resume:
+        return None
+    stored = out / "config.json"
+    if not stored.exists():
+        if found:
+            parser.exit(2, f"run.py: error: cannot --resume: {out} has results but no config.json\n")
+        return None
+    old = json.loads(stored.read_text())
+    new = json.loads(json.dumps(config, default=str))  # as config.json stores it (tuples as lists)
+    refused = []
+    for key, a, b in _config_diff(old, new):
+        shrinks = key == "rounds" and not (isinstance(a, int) and isinstance(b, int) and b >= a)
+        if key in RESUMABLE and not shrinks:
+            continue
+        refused.append(f"{key}: {a!r} -> {b!r}")
+    if refused:
+        parser.exit(
+            2,
+            f"run.py: error: --resume with a config that differs from {stored}: {'; '.join(refused)} "
+            f"(only {', '.join(RESUMABLE)} may change, rounds only up; use another --out for a new run)\n",
+        )
+    info = out / "run_info.json"
+    return json.loads(info.read_text()) if info.exists() else None
+
+
+def _config_diff(old, new, prefix=""):
+    """``(dotted key, old, new)`` for each difference between two configs; a missing key is None."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new)):
+            yield from _config_diff(old.get(k), new.get(k), f"{prefix}{k}.")
+    elif old != new:
+        yield prefix[:-1], old, new
+
+
+def _clear(out: pathlib.Path) -> None:
+    """--overwrite: delete what an earlier run wrote in ``out`` (and only that)."""
+    for name in OUTPUTS:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def _run_repeats(config: dict, out: pathlib.Path, args) -> dict:
     t_start = time.perf_counter()
     progress = not args.no_progress
     repeats = int(config.get("repeats", 1))
@@ -482,7 +771,7 @@ def main(argv=None) -> dict:
         summary["per_client_test_accuracy"] = table
         print_table(table)
     summary["wall_sec"] = time.perf_counter() - t_start
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_jsonable))
+    _write_atomic(out / "summary.json", json.dumps(summary, indent=1, default=_jsonable))
     plot(records, table, out / "curves.png", config["name"])
     final = records[-1]
     shown = {

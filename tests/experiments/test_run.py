@@ -114,36 +114,45 @@ def test_heart_disease_data_shipped_in_package():
     np.testing.assert_array_equal(d.test.x, e.test.x)
 
 
-def test_dp_run_logs_epsilon_and_stops_at_its_budget(tmp_path):
+def test_dp_run_logs_epsilon_and_stops_at_its_budget(tmp_path, capsys):
     from fljax import privacy
 
     run = _runner()
     dp = {"clip_norm": 1.0, "noise_multiplier": 1.0, "sampling": "poisson", "cohort_size": 2}
     cfg = privacy.DPConfig(population_size=4, **dp)
     budget = (privacy.epsilon(cfg, 3) + privacy.epsilon(cfg, 4)) / 2  # room for 3 rounds, not 4
-    summary = run.main(
-        [
-            "--config",
-            HEART,
-            "--set",
-            "baselines=()",
-            "--set",
-            "rounds=6",
-            "--set",
-            "eval_every=1",
-            "--set",
-            f"dp={dict(dp, budget_epsilon=budget)!r}",
-            "--out",
-            str(tmp_path),
-            "--no-progress",
-        ]
-    )
+    args = [
+        "--config",
+        HEART,
+        "--set",
+        "baselines=()",
+        "--set",
+        "rounds=6",
+        "--set",
+        "eval_every=1",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    ]
+    summary = run.main(args + ["--set", f"dp={dict(dp, budget_epsilon=budget)!r}"])
     rows = _metrics(tmp_path)
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert all(r["epsilon"] <= budget for r in rows)
     assert rows[0]["epsilon"] < rows[-1]["epsilon"]
     assert summary["privacy"]["stopped"] and "budget" in summary["privacy"]["stopped"]
     assert summary["privacy"]["epsilon"] == pytest.approx(rows[-1]["epsilon"])
+    # the state where the budget stopped it is checkpointed; resuming spends nothing more
+    assert checkpoint.latest_step(tmp_path / "checkpoints") == 3
+    again = run.main(args + ["--set", f"dp={dict(dp, budget_epsilon=budget)!r}", "--resume"])
+    assert _metrics(tmp_path) == rows
+    assert again["privacy"]["epsilon"] == summary["privacy"]["epsilon"]
+    # resuming with other DP settings would mis-account the rounds already run: refused
+    cheaper = dict(dp, noise_multiplier=2.0, budget_epsilon=budget)
+    with pytest.raises(SystemExit) as exit_:
+        run.main(args + ["--set", f"dp={cheaper!r}", "--resume"])
+    assert exit_.value.code == 2
+    assert "dp.noise_multiplier: 1.0 -> 2.0" in capsys.readouterr().err
+    assert _metrics(tmp_path) == rows
 
 
 def test_secure_aggregation_run_tracks_the_plain_run(tmp_path):
