@@ -59,9 +59,9 @@ import optax
 
 from fljax import aggregators, checkpoint, client, evaluation, models, privacy, secagg
 from fljax import random as fl_random
-from fljax.algorithms import fedavg, fedavgm, fedopt, fedprox, fedsgd
+from fljax.algorithms import fedavg, fedavgm, fedopt, fedprox, fedsgd, scaffold
 from fljax.base import Performance
-from fljax.data import FederatedData, partition, sampling
+from fljax.data import ClientStates, FederatedData, partition, sampling
 from fljax.data.datasets import cifar10, heart_disease
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -176,7 +176,9 @@ def build_aggregator(config: dict, dp_config: privacy.DPConfig | None = None):
         return privacy.dp(dp_config, sum=secure)  # over the secure sum when secagg is configured
     if secure is not None:
         return aggregators.mean(secure)
-    name = config.get("aggregator", "weighted_mean")
+    name = config.get("aggregator")
+    if name is None:  # the algorithm's own: example-weighted mean (FedAvg family), uniform mean (SCAFFOLD)
+        return None
     if name == "weighted_mean":
         return aggregators.weighted_mean()
     if name == "uniform_mean":
@@ -188,7 +190,32 @@ def build_aggregator(config: dict, dp_config: privacy.DPConfig | None = None):
     raise ValueError(f"unknown aggregator {name!r}")
 
 
-def build_algorithm(config: dict, model, dp_config: privacy.DPConfig | None = None):
+def _scaffold_client(config: dict, model):
+    c = config["client"]
+    if c.get("optimizer", "sgd") != "sgd" or c.get("momentum"):
+        raise ValueError(
+            "scaffold: its local steps are plain SGD; set client.optimizer='sgd' and client.momentum=0"
+        )
+    return scaffold.scaffold_client(
+        model,
+        c["learning_rate"],
+        batch_size=c["batch_size"],
+        num_epochs=c["num_epochs"],
+        weighting=c.get("weighting", "num_examples"),
+        max_steps=c.get("max_steps"),
+    )
+
+
+def build_client_states(config: dict, model, params, num_clients: int) -> ClientStates | None:
+    """The population's client states (host memory) for a stateful algorithm, else None."""
+    if config["server"].get("algorithm", "fedavg") != "scaffold":
+        return None
+    return ClientStates(_scaffold_client(config, model).init(params), num_clients)
+
+
+def build_algorithm(
+    config: dict, model, dp_config: privacy.DPConfig | None = None, num_clients: int | None = None
+):
     c, s = config["client"], config["server"]
     agg = build_aggregator(config, dp_config)
     perf = Performance(chunk_size=config.get("chunk_size", "auto"))
@@ -214,6 +241,15 @@ def build_algorithm(config: dict, model, dp_config: privacy.DPConfig | None = No
             client.local_sgd(model, opt, **options),
             server_learning_rate=lr,
             server_momentum=s.get("momentum", 0.9),
+            aggregator=agg,
+        )
+    elif name == "scaffold":
+        if num_clients is None:
+            raise ValueError("scaffold needs the population size (num_clients)")
+        algo = scaffold.scaffold(
+            _scaffold_client(config, model),
+            population_size=num_clients,
+            server_learning_rate=lr,
             aggregator=agg,
         )
     elif name in ("fedadam", "fedyogi", "fedadagrad"):
@@ -274,15 +310,22 @@ def train(
     ledger = None
     if dp_config is not None:
         ledger = privacy.PrivacyLedger(dp_config, budget_epsilon=config["dp"].get("budget_epsilon"))
-    algo, update = _compiled_round(config, model, dp_config)
+    algo, update = _compiled_round(config, model, dp_config, train_data.num_clients)
     state = algo.init(params)
+    states = build_client_states(config, model, params, train_data.num_clients)  # stateful clients, host
+    bundle = lambda: state if states is None else (state, states.tree)  # what a checkpoint holds
     records, start = [], 0
     ckpt_dir = None if out_dir is None else pathlib.Path(out_dir) / "checkpoints"
     metrics_path = None if out_dir is None else pathlib.Path(out_dir) / "metrics.jsonl"
     if out_dir is not None:
         pathlib.Path(out_dir).mkdir(parents=True, exist_ok=True)
         if resume:
-            start, state, records = _resume(ckpt_dir, metrics_path, state, ledger)
+            start, restored, records = _resume(ckpt_dir, metrics_path, bundle(), ledger)
+            if states is None:
+                state = restored
+            else:
+                state, tree = restored
+                states.load(tree)
         elif _results(pathlib.Path(out_dir), names=("metrics.jsonl", "checkpoints")):
             raise FileExistsError(
                 f"{out_dir} holds metrics or checkpoints of an earlier run; pass resume=True"
@@ -301,7 +344,7 @@ def train(
     def save():
         extra = {"round": done, "epsilon": None if ledger is None else ledger.epsilon()}
         with _crash_hook("save", done):
-            checkpoint.save(ckpt_dir, done, state, extra)
+            checkpoint.save(ckpt_dir, done, bundle(), extra)
 
     for r in bar:
         t0 = time.perf_counter()
@@ -321,7 +364,11 @@ def train(
         cohort = train_data.cohort(
             ids, client_mask=mask, num_examples=num_examples, key=fl_random.stream(run_key, "data")
         )
+        if states is not None:
+            cohort = states.attach(cohort)
         state, m = update(state, cohort, rkey)
+        if states is not None:
+            state = states.scatter(cohort, state)
         record = {"round": r + 1, **{k: float(v) for k, v in jax.device_get(m).items()}}
         if ledger is not None:
             record["epsilon"] = ledger.step(1)
@@ -477,16 +524,16 @@ def _crash_hook(where: str, round_: int):
 _ROUNDS: dict = {}
 
 
-def _compiled_round(config: dict, model, dp_config=None):
+def _compiled_round(config: dict, model, dp_config=None, num_clients: int | None = None):
     """One jitted round per (algorithm settings, model), shared by repeats and baselines."""
     key = json.dumps(
         {k: config.get(k) for k in ("model", "client", "server", "aggregator", "chunk_size", "secagg")}
-        | {"dp": repr(dp_config)},
+        | {"dp": repr(dp_config), "num_clients": num_clients},
         sort_keys=True,
         default=str,
     )
     if key not in _ROUNDS:
-        algo = build_algorithm(config, model, dp_config)
+        algo = build_algorithm(config, model, dp_config, num_clients)
         _ROUNDS[key] = (algo, jax.jit(algo.update))
     return _ROUNDS[key]
 
