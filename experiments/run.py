@@ -41,12 +41,15 @@ import argparse
 import ast
 import contextlib
 import copy
+import dataclasses
 import fcntl
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -70,31 +73,424 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # ----------------------------------------------------------------------------- config
 
 
+class ConfigError(ValueError):
+    """A bad config file, ``--set`` override or value: ``main`` prints it as one line, exit code 2.
+
+    Its message is ``key=value: what is allowed`` (``main`` prefixes ``fljax: config error:``).
+    """
+
+
+def _bad(key: str, value, expected: str) -> ConfigError:
+    return ConfigError(f"{key}={value!r}: {expected}")
+
+
 def load_config(path: str, overrides: list[str]) -> dict:
+    """The config of ``path`` (``get_config()``) with ``--set key=value`` overrides, validated.
+
+    An override must name a key the config has (or one the trainer reads, see ``SCHEMA``) and
+    have the type of the value it replaces (an int where a float is expected is converted);
+    ``validate_config`` then checks every value. Raises ``ConfigError`` on any bad input.
+    """
+    if not pathlib.Path(path).is_file():
+        raise _bad("--config", path, "no such file; expected a Python file that defines get_config()")
     spec = importlib.util.spec_from_file_location("fljax_config", path)
     if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"cannot load config {path}")
+        raise _bad("--config", path, "cannot be imported; expected a Python file that defines get_config()")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise _bad("--config", path, "defines no get_config(); expected a function returning the config dict")
     config = copy.deepcopy(module.get_config())
+    if not isinstance(config, dict):
+        raise _bad("--config", path, f"get_config() returned a {type(config).__name__}; expected a dict")
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
+            raise _bad("--set", item, "expected key=value, e.g. --set client.learning_rate=0.1")
         dotted, raw = item.split("=", 1)
         try:
             value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             value = raw
-        node = config
-        keys = dotted.split(".")
-        for k in keys[:-1]:
+        node, keys = config, dotted.split(".")
+        for i, k in enumerate(keys[:-1]):
             if not isinstance(node.get(k), dict):
-                raise KeyError(f"--set {dotted}: {k!r} is not a section of the config")
+                where = ".".join(keys[: i + 1])
+                if k in node and node[k] is None:
+                    raise _bad(
+                        dotted,
+                        value,
+                        f"{where} is None in this config; expected the whole dict, --set {where}={{...}}",
+                    )
+                raise _bad(
+                    dotted, value, f"{where!r} is not a section of the config (sections: {_sections(node)})"
+                )
             node = node[k]
-        if keys[-1] not in node:
-            raise KeyError(f"--set {dotted}: unknown key {keys[-1]!r}; known: {sorted(node)}")
-        node[keys[-1]] = value
+        last, parent = keys[-1], ".".join(keys[:-1])
+        known = _settable(parent, node)
+        if last not in known:
+            raise _bad(
+                dotted,
+                value,
+                f"unknown key; known keys of {parent or 'the config'}: {', '.join(sorted(known))}",
+            )
+        if last in node:
+            value = _like(dotted, node[last], value, _schema_check(keys))
+        node[last] = value
+    validate_config(config)
     return config
+
+
+def _sections(node: dict) -> str:
+    return ", ".join(sorted(k for k, v in node.items() if isinstance(v, dict))) or "none"
+
+
+def _schema_check(keys: list[str]):
+    """The check ``SCHEMA`` (or ``DATA_SCHEMA``) has for a dotted key, or None."""
+    node = SCHEMA
+    for k in keys[:-1]:
+        node = node.get(k) if isinstance(node, dict) else None
+    if node is SCHEMA["data"]:
+        node = {k: c for d in DATA_SCHEMA.values() for k, c in d.items()} | node
+    check = node.get(keys[-1]) if isinstance(node, dict) else None
+    return check if callable(check) else None
+
+
+def _like(key: str, old, new, check=None):
+    """``new`` if it has the type of ``old`` (the value it replaces), else ``ConfigError`` (with
+    what ``check``, the key's schema check, expects where it has one)."""
+    if old is None or new is None:  # optional values: the schema decides
+        return new
+    if isinstance(old, bool):
+        ok = isinstance(new, bool)
+    elif isinstance(old, float):
+        if _is_number(new):
+            return float(new)
+        ok = False
+    elif isinstance(old, int):
+        ok = _is_int(new)
+    elif isinstance(old, (tuple, list)):
+        ok = isinstance(new, (tuple, list))
+    else:
+        ok = isinstance(new, type(old))
+    if not ok:
+        expected = check(new) if check is not None else None
+        raise _bad(key, new, expected or f"expected {_kind(old)}, like the config's {old!r}")
+    return new
+
+
+def _kind(value) -> str:
+    if isinstance(value, bool):
+        return "True or False"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, (tuple, list)):
+        return "a tuple, e.g. (a, b) or ()"
+    if isinstance(value, dict):
+        return "a dict, e.g. {'key': value}"
+    return f"a {type(value).__name__}"
+
+
+# ------------------------------------------------------------- config validation
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check(ok, expected: str):
+    """A check: a function of a value that returns None (fine) or what is expected."""
+    return lambda v: None if ok(v) else expected
+
+
+def _optional(check):
+    return lambda v: None if v is None else (None if check(v) is None else f"{check(v)} or None")
+
+
+def _integer(low: int, high: int | None = None):
+    text = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+    return _check(lambda v: _is_int(v) and v >= low and (high is None or v <= high), f"expected {text}")
+
+
+def _choice(*names: str):
+    return _check(
+        lambda v: isinstance(v, str) and v in names, f"expected one of {', '.join(map(repr, names))}"
+    )
+
+
+_POSITIVE = _check(lambda v: _is_number(v) and 0 < v < math.inf, "expected a positive number")
+_NONNEGATIVE = _check(lambda v: _is_number(v) and 0 <= v < math.inf, "expected a number >= 0")
+_MOMENTUM = _check(lambda v: _is_number(v) and 0 <= v < 1, "expected a number in [0, 1)")
+_FRACTION = _check(lambda v: _is_number(v) and 0 < v < 1, "expected a number in (0, 1)")
+_STRING = _check(lambda v: isinstance(v, str) and v != "", "expected a non-empty string")
+_SEED = _integer(0)
+
+ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "fedsgd", "scaffold", "fedadam", "fedyogi", "fedadagrad")
+AGGREGATORS = ("weighted_mean", "uniform_mean", "median", "trimmed_mean")
+BASELINES = ("local", "nonprivate", "pooled")
+
+# Every key the trainer reads, with its check; a nested dict is a section. ``data`` keys depend
+# on the data set (``DATA_SCHEMA``); ``dp`` and ``secagg`` are checked by ``_check_dp_secagg``.
+SCHEMA: dict = {
+    "name": _STRING,
+    "seed": _SEED,
+    "data": {"name": _choice("heart_disease", "cifar10")},
+    "model": {
+        "name": _choice("lenet", "mlp", "logistic"),
+        "hidden": _check(
+            lambda v: isinstance(v, (tuple, list)) and all(_is_int(h) and h > 0 for h in v),
+            "expected a tuple of positive integers, e.g. (32,)",
+        ),
+    },
+    "client": {
+        "optimizer": _choice("sgd", "adam"),
+        "learning_rate": _POSITIVE,
+        "momentum": _optional(_MOMENTUM),
+        "batch_size": _integer(1),
+        "num_epochs": _integer(1),
+        "weighting": _choice("num_examples", "uniform"),
+        "max_steps": _optional(_integer(1)),
+    },
+    "server": {
+        "algorithm": _choice(*ALGORITHMS),
+        "learning_rate": _POSITIVE,
+        "momentum": _MOMENTUM,
+        "mu": _NONNEGATIVE,
+        "tau": _POSITIVE,
+    },
+    "cohort": {
+        "sampling": _choice("all", "uniform", "poisson"),
+        "size": _integer(1),
+        "q": _check(lambda v: _is_number(v) and 0 < v <= 1, "expected a number in (0, 1]"),
+        "max_size": _optional(_integer(1)),
+    },
+    "rounds": _integer(1),
+    "eval_every": _integer(1),
+    "checkpoint_every": _integer(0),
+    "repeats": _integer(1),
+    "baselines": _check(
+        lambda v: isinstance(v, (tuple, list)) and all(b in BASELINES for b in v),
+        f"expected a tuple of {', '.join(map(repr, BASELINES))}, e.g. ('local',) or ()",
+    ),
+    "aggregator": _optional(_choice(*AGGREGATORS)),
+    "trim_fraction": _check(lambda v: _is_number(v) and 0 <= v < 0.5, "expected a number in [0, 0.5)"),
+    "chunk_size": _check(
+        lambda v: v is None or v == "auto" or (_is_int(v) and v >= 1),
+        "expected 'auto', None or an integer >= 1",
+    ),
+    "dp": None,
+    "secagg": None,
+}
+DATA_SCHEMA: dict = {
+    "heart_disease": {"test_fraction": _FRACTION, "split_seed": _SEED, "seed": _SEED},
+    "cifar10": {
+        "seed": _SEED,
+        "data_dir": _optional(_STRING),
+        "source": _choice("auto", "jpeg", "tfds"),
+        "max_train_examples": _optional(_integer(1)),
+        "partition": _choice("iid", "classes_per_client", "dirichlet"),
+        "num_clients": _integer(1),
+        "classes_per_client": _integer(1, 10),
+        "alpha": _POSITIVE,
+    },
+}
+# Keys a section must have (a key of the section's ``name``/``algorithm``/... value, or always).
+REQUIRED = {
+    "": ("name", "seed", "data", "model", "client", "server", "rounds"),
+    "data": ("name",),
+    "model": ("name",),
+    "data.cifar10": ("num_clients",),
+    "data.classes_per_client": ("classes_per_client",),
+    "data.dirichlet": ("alpha",),
+    "server.fedprox": ("mu",),
+    "server.fedsgd": ("learning_rate",),
+    "cohort.uniform": ("size",),
+    "cohort.poisson": ("q",),
+}
+
+
+def _settable(section: str, node: dict) -> set[str]:
+    """The keys ``--set`` may give in ``section`` ("" for the top level): the config's own and
+    those the trainer reads (e.g. ``data.data_dir``, ``dp.delta``)."""
+    if section == "":
+        extra = list(SCHEMA)
+    elif section == "data":
+        extra = [*SCHEMA["data"], *(k for d in DATA_SCHEMA.values() for k in d)]
+    elif section in ("dp", "secagg"):
+        extra = [
+            f.name for f in dataclasses.fields(privacy.DPConfig if section == "dp" else secagg.SecAggConfig)
+        ]
+        extra += ["budget_epsilon"] if section == "dp" else []
+    else:
+        extra = list(SCHEMA.get(section) or ()) if isinstance(SCHEMA.get(section), dict) else []
+    return set(node) | set(extra)
+
+
+def population_size(config: dict) -> int | None:
+    """The number of clients the data config gives, without loading the data (None: unknown)."""
+    data = config.get("data", {})
+    if data.get("name") == "heart_disease":
+        return len(heart_disease.SITES)
+    return data.get("num_clients")
+
+
+def validate_config(config: dict) -> None:
+    """Check every key and value of a run config before any data is loaded; ``ConfigError`` if bad.
+
+    Checks: no unknown keys, the keys each choice needs are there, each value's type and range,
+    names (data set, model, algorithm, aggregator, sampling, baselines), the cohort fits in the
+    population, the ``dp`` and ``secagg`` fields (through ``DPConfig``/``SecAggConfig``), and that
+    a DP budget pays for at least one round.
+    """
+    _check_section("", config, SCHEMA)
+    for section in ("data", "model", "client", "server", "cohort"):
+        node = config.get(section, {})
+        if not isinstance(node, dict):
+            raise _bad(section, node, "expected a dict, e.g. {'name': ...}")
+        schema = dict(SCHEMA[section])
+        if section == "data":
+            schema |= DATA_SCHEMA.get(node.get("name"), {})
+        _check_section(
+            section, node, schema, f" for data.name={node.get('name')!r}" if section == "data" else ""
+        )
+    for key in ("data", "cohort"):
+        for choice in ("name", "partition", "sampling"):
+            for need in REQUIRED.get(f"{key}.{config.get(key, {}).get(choice)}", ()):
+                _require(config[key], key, need, f"{key}.{choice}={config[key][choice]!r}")
+    algorithm = config["server"].get("algorithm", "fedavg")
+    for need in REQUIRED.get(f"server.{algorithm}", ()):
+        _require(config["server"], "server", need, f"server.algorithm={algorithm!r}")
+    if algorithm != "fedsgd":
+        for need in ("learning_rate", "batch_size", "num_epochs"):
+            _require(config["client"], "client", need, f"server.algorithm={algorithm!r}")
+    if algorithm == "scaffold":
+        c = config["client"]
+        if c.get("optimizer", "sgd") != "sgd":
+            raise _bad(
+                "client.optimizer", c["optimizer"], "expected 'sgd' with scaffold (its local steps are SGD)"
+            )
+        if c.get("momentum"):
+            raise _bad(
+                "client.momentum", c["momentum"], "expected 0 or None with scaffold (its local steps are SGD)"
+            )
+    population = population_size(config)
+    cohort = config.get("cohort", {})
+    if population is not None and cohort.get("sampling", "all") == "uniform" and cohort["size"] > population:
+        raise _bad("cohort.size", cohort["size"], f"expected at most the population, {population} clients")
+    _check_dp_secagg(config, population)
+
+
+def _check_section(prefix: str, node: dict, schema: dict, context: str = "") -> None:
+    where = f"{prefix}." if prefix else ""
+    for need in REQUIRED.get(prefix, ()):
+        _require(node, prefix or "the config", need)
+    for key, value in node.items():
+        check = schema.get(key)
+        if callable(check) and (expected := check(value)) is not None:
+            raise _bad(f"{where}{key}", value, expected)
+    for key, value in node.items():
+        if key not in schema:
+            raise _bad(
+                f"{where}{key}", value, f"unknown key{context}; known keys: {', '.join(sorted(schema))}"
+            )
+
+
+def _require(node: dict, section: str, key: str, because: str | None = None) -> None:
+    if key not in node:
+        reason = f" (needed by {because})" if because else ""
+        name = key if section == "the config" else f"{section}.{key}"
+        raise ConfigError(f"{name}: missing{reason}; expected it in the config or --set {name}=...")
+
+
+def _check_dp_secagg(config: dict, population: int | None) -> None:
+    """``dp`` and ``secagg``: known fields of the right types, accepted by DPConfig/SecAggConfig,
+    and a DP budget that pays for at least one round."""
+    for section, cls, extra in (
+        ("dp", privacy.DPConfig, ("budget_epsilon",)),
+        ("secagg", secagg.SecAggConfig, ()),
+    ):
+        node = config.get(section)
+        if node is None:
+            continue
+        if not isinstance(node, dict):
+            raise _bad(section, node, f"expected None or a dict of {cls.__name__} fields")
+        fields = {f.name: str(f.type) for f in dataclasses.fields(cls)} | {k: "float | None" for k in extra}
+        for key, value in node.items():
+            if key not in fields:
+                raise _bad(f"{section}.{key}", value, f"unknown key; known keys: {', '.join(sorted(fields))}")
+            kind = fields[key]
+            if value is None and "None" in kind:
+                continue
+            if "float" in kind and not _is_number(value):
+                raise _bad(
+                    f"{section}.{key}", value, "expected a number" + (" or None" if "None" in kind else "")
+                )
+            if "float" not in kind and "int" in kind and not _is_int(value):
+                raise _bad(
+                    f"{section}.{key}", value, "expected an integer" + (" or None" if "None" in kind else "")
+                )
+            if "float" not in kind and "int" not in kind and not isinstance(value, str):
+                raise _bad(f"{section}.{key}", value, "expected a string")
+    try:
+        sa = config.get("secagg")
+        if sa is not None:
+            secagg.SecAggConfig(**sa)
+    except ValueError as e:
+        raise _reworded("secagg", sa, dataclasses.fields(secagg.SecAggConfig), e) from None
+    dp = config.get("dp")
+    if not dp:  # None or {}: no DP (as build_dp reads it)
+        return
+    if dp.get("budget_epsilon") is not None and _POSITIVE(dp["budget_epsilon"]):
+        raise _bad("dp.budget_epsilon", dp["budget_epsilon"], "expected a positive number or None")
+    for need in ("clip_norm", "noise_multiplier"):
+        _require(dp, "dp", need)
+    if population is None:
+        return
+    try:
+        dp_config = build_dp(config, population)
+    except ValueError as e:
+        given = {
+            "population_size": population,
+            "cohort_size": config.get("cohort", {}).get("size", population),
+        }
+        raise _reworded("dp", given | dp, dataclasses.fields(privacy.DPConfig), e) from None
+    budget = dp.get("budget_epsilon")
+    if budget is not None:
+        first = privacy.epsilon(dp_config, 1)
+        if first > budget:
+            raise _bad(
+                "dp.budget_epsilon",
+                budget,
+                f"one round already spends epsilon {first:.4g} (delta {dp_config.target_delta:.3g}); "
+                f"expected a budget >= {first:.4g}, or more noise (dp.noise_multiplier)",
+            )
+
+
+def _reworded(section: str, node: dict, fields, error: ValueError) -> ConfigError:
+    """A DPConfig/SecAggConfig ``ValueError`` as a ConfigError naming the key (the first field
+    its message names) and its value: ``dp.clip_norm=-1.0: expected positive``."""
+    text = str(error)
+    named = sorted((text.find(f.name), f.name) for f in fields if re.search(rf"\b{f.name}\b", text))
+    if not named:
+        return ConfigError(f"{section}={node!r}: {text}")
+    key = named[0][1]
+    default = next(f.default for f in fields if f.name == key)
+    value = node.get(key, None if default is dataclasses.MISSING else default)
+    match = re.fullmatch(rf"{key} must be (.*?)(, got .*)?", text)
+    if match is None:
+        return _bad(f"{section}.{key}", value, text)
+    allowed = match.group(1)
+    allowed = {
+        "positive": "a positive number",
+        "positive and finite": "a positive finite number",
+        "finite and >= 0": "a finite number >= 0",
+    }.get(allowed, f"a value {allowed}" if allowed.startswith(("in ", ">=")) else allowed)
+    return _bad(f"{section}.{key}", value, f"expected {allowed}")
 
 
 # ----------------------------------------------------------------------------- data
@@ -107,7 +503,16 @@ def build_data(cfg: dict, key: jax.Array) -> dict:
         d = heart_disease.load(test_fraction=cfg.get("test_fraction", 0.25), seed=cfg.get("split_seed", 0))
         return {"train": d.train, "test": d.test, "central_test": None, "num_classes": 2}
     if name == "cifar10":
-        raw = cifar10.load_raw(cfg.get("data_dir"), source=cfg.get("source", "auto"))
+        try:
+            raw = cifar10.load_raw(cfg.get("data_dir"), source=cfg.get("source", "auto"))
+        except FileNotFoundError:
+            raise _bad(
+                "data.data_dir",
+                cfg.get("data_dir"),
+                f"no CIFAR-10 archive {cifar10.ARCHIVE} found (searched data.data_dir if set, else "
+                "$FLJAX_DATA_DIR/cifar10_jpeg and ../shared/data/cifar10_jpeg, and tensorflow-datasets "
+                "could not load it); expected --set data.data_dir=FOLDER or FLJAX_DATA_DIR=FOLDER",
+            ) from None
         x_train, y_train = cifar10.normalize(raw["x_train"]), raw["y_train"]
         x_test, y_test = cifar10.normalize(raw["x_test"]), raw["y_test"]
         if cfg.get("max_train_examples"):
@@ -122,7 +527,7 @@ def build_data(cfg: dict, key: jax.Array) -> dict:
         elif part == "dirichlet":
             p = partition.dirichlet(y_train, n, cfg["alpha"], key)
         else:
-            raise ValueError(f"unknown partition {part!r}")
+            raise _bad("data.partition", part, "expected one of 'iid', 'classes_per_client', 'dirichlet'")
         train = FederatedData.from_partition(x_train, y_train, p.indices, num_classes=10)
         return {
             "train": train,
@@ -131,7 +536,7 @@ def build_data(cfg: dict, key: jax.Array) -> dict:
             "num_classes": 10,
             "partition_report": partition.report(p, y_train, 10),
         }
-    raise ValueError(f"unknown data set {name!r}")
+    raise _bad("data.name", name, "expected one of 'heart_disease', 'cifar10'")
 
 
 # ----------------------------------------------------------------------------- model and algorithm
@@ -145,7 +550,7 @@ def build_model(cfg: dict, num_classes: int):
         return models.MLP(hidden=tuple(cfg.get("hidden", (200, 200))), num_classes=num_classes)
     if name == "logistic":
         return models.LogisticRegression(num_classes=num_classes)
-    raise ValueError(f"unknown model {name!r}")
+    raise _bad("model.name", name, "expected one of 'lenet', 'mlp', 'logistic'")
 
 
 def build_optimizer(cfg: dict) -> optax.GradientTransformation:
@@ -154,7 +559,7 @@ def build_optimizer(cfg: dict) -> optax.GradientTransformation:
         return optax.sgd(lr, momentum=cfg.get("momentum") or None)
     if name == "adam":
         return optax.adam(lr)
-    raise ValueError(f"unknown optimizer {name!r}")
+    raise _bad("client.optimizer", name, "expected one of 'sgd', 'adam'")
 
 
 def build_dp(config: dict, num_clients: int) -> privacy.DPConfig | None:
@@ -187,7 +592,7 @@ def build_aggregator(config: dict, dp_config: privacy.DPConfig | None = None):
         return aggregators.median()
     if name == "trimmed_mean":
         return aggregators.trimmed_mean(config.get("trim_fraction", 0.1))
-    raise ValueError(f"unknown aggregator {name!r}")
+    raise _bad("aggregator", name, f"expected None or one of {', '.join(map(repr, AGGREGATORS))}")
 
 
 def _scaffold_client(config: dict, model):
@@ -261,7 +666,7 @@ def build_algorithm(
             aggregator=agg,
         )
     else:
-        raise ValueError(f"unknown algorithm {name!r}")
+        raise _bad("server.algorithm", name, f"expected one of {', '.join(map(repr, ALGORITHMS))}")
     return algo.with_performance(perf)
 
 
@@ -273,7 +678,7 @@ def sample_cohort(cfg: dict, key: jax.Array, num_clients: int):
         return sampling.uniform(key, num_clients, cfg["size"])
     if mode == "poisson":
         return sampling.poisson(key, num_clients, cfg["q"], cfg.get("max_size"))
-    raise ValueError(f"unknown cohort sampling {mode!r}")
+    raise _bad("cohort.sampling", mode, "expected one of 'all', 'uniform', 'poisson'")
 
 
 # ----------------------------------------------------------------------------- training
@@ -301,8 +706,6 @@ def train(
     ``resume``, an ``out_dir`` that already holds metrics or checkpoints raises
     ``FileExistsError``: nothing is ever deleted here.
     """
-    from tqdm import tqdm
-
     run_key = fl_random.run_key(config["seed"])
     shape = train_data.x.shape[1:]
     params = models.init_params(model, shape, fl_random.stream(run_key, "init"))
@@ -338,7 +741,8 @@ def train(
     num_examples = -(-int(train_data.sizes.max()) // multiple) * multiple
     rounds, every = config["rounds"], config.get("eval_every", 1)
     ck_every = config.get("checkpoint_every", 0)
-    bar = tqdm(range(start, rounds), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    bar = _Progress(rounds, start, desc=desc, enabled=progress, every_line=out_dir is not None)
+    writer = _tensorboard(out_dir, start)
     stopped, done, saved = None, start, start
 
     def save():
@@ -346,7 +750,7 @@ def train(
         with _crash_hook("save", done):
             checkpoint.save(ckpt_dir, done, bundle(), extra)
 
-    for r in bar:
+    for r in range(start, rounds):
         t0 = time.perf_counter()
         if ledger is not None and not ledger.can_run(1):
             stopped = (
@@ -378,14 +782,15 @@ def train(
         records.append(record)
         done = r + 1
         if metrics_path is not None:
-            _append_line(metrics_path, json.dumps(record) + "\n", crash=_crash_point("metrics", done))
+            _append_line(metrics_path, _dumps(record) + "\n", crash=_crash_point("metrics", done))
+        _tensorboard_scalars(writer, record)
         if ckpt_dir is not None and ck_every and (done % ck_every == 0 or done == rounds):
             save()
             saved = done
-        shown = {
-            k: record[k] for k in ("client_train_loss", "test_accuracy", "fed_mean_accuracy") if k in record
-        }
-        bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
+        bar.update(record)
+    bar.close()
+    if writer is not None:
+        writer.close()
     if ckpt_dir is not None and ck_every and saved != done:  # stopped by the privacy budget
         save()
     privacy_summary = {"epsilon": float("inf"), "note": "no differential privacy configured"}
@@ -552,13 +957,24 @@ def run_info() -> dict:
         sha, dirty = "unknown", None
     import jaxlib
 
+    devices = jax.devices()
+    kinds: dict[str, int] = {}
+    for d in devices:
+        kinds[d.device_kind] = kinds.get(d.device_kind, 0) + 1
     return {
+        "argv": list(sys.argv),  # the command line of this process
+        "executable": sys.executable,
+        "cwd": os.getcwd(),
         "git_sha": sha,
         "git_dirty": dirty,
         "python": platform.python_version(),
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,
-        "device": str(jax.devices()[0]),
+        "dependencies": _dependency_versions(),  # every requirement of fljax, as installed
+        "device": str(devices[0]),
+        "backend": jax.default_backend(),
+        "devices": {"count": len(devices), "kinds": kinds},
+        "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
     }
 
@@ -649,15 +1065,29 @@ def run_once(config: dict, out: pathlib.Path, *, resume=False, progress=True, ve
             table["pooled"] = recs[-1]["per"]
     _write_atomic(
         out / "summary.json",
-        json.dumps(summary | {"per_client_test_accuracy": table}, indent=1, default=_jsonable),
+        _dumps(summary | {"per_client_test_accuracy": table}, indent=1),
     )
     return {"summary": summary, "records": records, "table": table}
 
 
 def main(argv=None) -> dict:
+    """The command line (see the module docstring). A bad config, override or value (``ConfigError``)
+    or bad arguments end the process with exit code 2 and one line on stderr, before any data is
+    loaded or anything trained; other errors are bugs and keep their traceback."""
+    try:
+        return _main(argv)
+    except ConfigError as e:
+        message = " ".join(str(e).splitlines())
+        print(f"fljax: config error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def _main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    # One line for bad arguments too (argparse would print the usage first); --help has it.
+    parser.error = lambda message: parser.exit(2, f"run.py: error: {message} (see --help)\n")
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default=None, help="output folder (default runs/<config name>)")
@@ -683,8 +1113,8 @@ def main(argv=None) -> dict:
         info = run_info()
         if args.resume and previous is not None:  # keep the first run's facts, add this one's
             info = previous | {"resumed": [*previous.get("resumed", []), info]}
-        _write_atomic(out / "config.json", json.dumps(config, indent=1, default=str))
-        _write_atomic(out / "run_info.json", json.dumps(info, indent=1))
+        _write_atomic(out / "config.json", _dumps(config, indent=1))
+        _write_atomic(out / "run_info.json", _dumps(info, indent=1))
         return _run_repeats(config, out, args)
     finally:
         os.close(lock)  # releases the lock
@@ -693,7 +1123,7 @@ def main(argv=None) -> dict:
 # What a run folder holds that must never be lost without --overwrite.
 RESULTS = ("metrics.jsonl", "checkpoints", "summary.json", "repeats")
 # Everything a run writes, deleted by --overwrite (never the folder itself, which may hold more).
-OUTPUTS = (*RESULTS, "config.json", "run_info.json", "curves.png")
+OUTPUTS = (*RESULTS, "config.json", "run_info.json", "curves.png", "tensorboard")
 
 # Config keys that --resume lets differ from the stored config.json, and why each is harmless.
 # Any other difference is refused, always one under "dp": the privacy already spent was
@@ -748,7 +1178,7 @@ def _check_out(out: pathlib.Path, config: dict, args, parser) -> dict | None:
             parser.exit(2, f"run.py: error: cannot --resume: {out} has results but no config.json\n")
         return None
     old = json.loads(stored.read_text())
-    new = json.loads(json.dumps(config, default=str))  # as config.json stores it (tuples as lists)
+    new = json.loads(_dumps(config, default=str))  # as config.json stores it (tuples as lists, strict)
     refused = []
     for key, a, b in _config_diff(old, new):
         shrinks = key == "rounds" and not (isinstance(a, int) and isinstance(b, int) and b >= a)
@@ -788,7 +1218,7 @@ def _run_repeats(config: dict, out: pathlib.Path, args) -> dict:
     t_start = time.perf_counter()
     progress = not args.no_progress
     repeats = int(config.get("repeats", 1))
-    tables, summary = [], None
+    tables, summary, runs = [], None, []  # runs: every repeat's per-round records
     for i in range(repeats):
         cfg = copy.deepcopy(config)
         cfg["seed"] = config["seed"] + i
@@ -801,6 +1231,7 @@ def _run_repeats(config: dict, out: pathlib.Path, args) -> dict:
         result = run_once(cfg, run_out, resume=args.resume, progress=progress, verbose=(i == 0))
         if summary is None:
             summary, records = result["summary"], result["records"]
+        runs.append(result["records"])
         if result["table"] is not None:
             tables.append(result["table"])
     table = None
@@ -818,8 +1249,8 @@ def _run_repeats(config: dict, out: pathlib.Path, args) -> dict:
         summary["per_client_test_accuracy"] = table
         print_table(table)
     summary["wall_sec"] = time.perf_counter() - t_start
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=1, default=_jsonable))
-    plot(records, table, out / "curves.png", config["name"])
+    _write_atomic(out / "summary.json", _dumps(summary, indent=1))
+    plot(runs, table, out / "curves.png", config["name"])
     final = records[-1]
     shown = {
         k: round(final[k], 4)
@@ -860,32 +1291,56 @@ def print_table(table: dict) -> None:
     )
 
 
-def plot(records: list[dict], table: dict | None, path: pathlib.Path, title: str) -> None:
+def plot(runs: list[list[dict]], table: dict | None, path: pathlib.Path, title: str) -> None:
+    """``curves.png``: each curve is the mean over the repeats (``runs``: each repeat's per-round
+    records) with a min-max band, on its own axis: client train loss, then test accuracy on a
+    fixed 0-1 axis, then for a DP run epsilon against rounds; then the per-client bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ncols = 2 if table else 1
-    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4), squeeze=False)
-    ax = axes[0, 0]
-    rounds = [r["round"] for r in records]
-    ax.plot(rounds, [r["client_train_loss"] for r in records], label="client train loss", color="tab:gray")
-    ax.set_xlabel("round")
-    ax.set_ylabel("loss")
-    ax2 = ax.twinx()
-    for k, lab in (
-        ("test_accuracy", "central test accuracy"),
-        ("fed_mean_accuracy", "mean client test accuracy"),
-    ):
-        pts = [(r["round"], r[k]) for r in records if k in r]
-        if pts:
-            ax2.plot(*zip(*pts, strict=True), marker=".", label=lab)
-    ax2.set_ylabel("accuracy")
-    ax2.legend(loc="lower right")
-    ax.set_title(title)
+    n = len(runs)
+    band = f"mean, band min-max over {n} repeats" if n > 1 else "1 run"
+    has_eps = any("epsilon" in _restore(r) for records in runs for r in records)
+    panels = ["loss", "accuracy", *(["epsilon"] if has_eps else []), *(["table"] if table else [])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    ax_of = dict(zip(panels, axes[0], strict=True))
+    for name in ("loss", "accuracy", "epsilon"):
+        if name in ax_of:
+            ax_of[name].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+
+    def draw(ax, key, label, color, marker=None):
+        rounds, mean, lo, hi, _ = _curve(runs, key)
+        if not len(rounds):
+            return False
+        ax.plot(rounds, mean, color=color, marker=marker, label=label)
+        if n > 1:
+            ax.fill_between(rounds, lo, hi, color=color, alpha=0.2, linewidth=0)
+        return True
+
+    ax = ax_of["loss"]
+    draw(ax, "client_train_loss", "client train loss", "tab:gray")
+    ax.set(xlabel="round", ylabel="client train loss", title=f"{title}: training loss ({band})")
+    ax = ax_of["accuracy"]
+    drawn = [
+        draw(ax, "test_accuracy", "central test accuracy", "tab:blue", "."),
+        draw(ax, "fed_mean_accuracy", "mean client test accuracy", "tab:orange", "."),
+    ]
+    ax.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1), title=f"test accuracy ({band})")
+    if any(drawn):
+        ax.legend(loc="lower right")
+    if has_eps:
+        ax = ax_of["epsilon"]
+        draw(ax, "epsilon", "epsilon spent", "tab:red")
+        ax.set_ylim(bottom=0)
+        ax.set(
+            xlabel="round",
+            ylabel="epsilon (accounted, seeded noise: a simulation)",
+            title="privacy spent",
+        )
     if table:
-        ax = axes[0, 1]
+        ax = ax_of["table"]
         cols = [c for c in COLUMNS if c in table]
         x = np.arange(len(table["client"]))
         width = 0.8 / len(cols)
@@ -894,10 +1349,208 @@ def plot(records: list[dict], table: dict | None, path: pathlib.Path, title: str
         ax.set_xticks(x + width * (len(cols) - 1) / 2, table["client"], rotation=15)
         ax.set_ylabel(f"held-out accuracy (mean +- sd, {table.get('repeats', 1)} splits)")
         ax.set_ylim(0, 1)
+        ax.set_title("final accuracy per client")
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- honest outputs
+#
+# Strict JSON: every file the trainer writes is valid JSON (RFC 8259), written with
+# ``allow_nan=False``. A non-finite float is stored as ``null`` with a sibling key
+# ``"<key>_nonfinite"`` saying what it was: ``"inf"``, ``"-inf"`` or ``"nan"`` for a number; for a
+# list, a list of the same shape with that string where the value was non-finite and ``null``
+# elsewhere. ``_restore`` reads such a record back into floats.
+
+NONFINITE = "_nonfinite"
+
+
+def _nonfinite_kind(x: float) -> str:
+    return "nan" if x != x else ("inf" if x > 0 else "-inf")
+
+
+def _strict(obj):
+    """``obj`` as plain JSON values, non-finite floats replaced by ``None`` (see ``_strict_dict``)."""
+    return _strict_value(obj)[0]
+
+
+def _strict_value(obj):
+    """(JSON value, flags): flags mirror the value where it had non-finite floats, else None."""
+    if isinstance(obj, dict):
+        return _strict_dict(obj), None
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str | int):
+        return obj, None
+    if isinstance(obj, float):
+        return (obj, None) if np.isfinite(obj) else (None, _nonfinite_kind(obj))
+    if isinstance(obj, np.generic | np.ndarray) or hasattr(obj, "tolist"):
+        return _strict_value(obj.tolist())
+    if isinstance(obj, list | tuple):
+        pairs = [_strict_value(v) for v in obj]
+        flags = [f for _, f in pairs]
+        return [v for v, _ in pairs], (flags if any(f is not None for f in flags) else None)
+    return _jsonable(obj), None
+
+
+def _strict_dict(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        value, flags = _strict_value(v)
+        out[str(k)] = value
+        if flags is not None:
+            out[f"{k}{NONFINITE}"] = flags
+    return out
+
+
+def _dumps(obj, **kwargs) -> str:
+    """Strict JSON text of ``obj``: an invalid file (NaN, Infinity) can never be written."""
+    return json.dumps(_strict(obj), allow_nan=False, **kwargs)
+
+
+def _restore(record: dict) -> dict:
+    """Undo ``_strict`` on one flat record: ``null`` plus ``<key>_nonfinite`` back to a float.
+
+    A key ending in ``_nonfinite`` is a flag only beside a ``null`` (or list) value of its base
+    key: a metric of that name (the aggregators' ``num_nonfinite`` count) is kept as it is.
+    """
+    out = dict(record)
+    for k, v in record.items():
+        base = k[: -len(NONFINITE)]
+        if not (k.endswith(NONFINITE) and base in record):
+            continue
+        if isinstance(v, str) and record[base] is None:
+            out[base] = float(v)
+            del out[k]
+        elif isinstance(v, list) and isinstance(record[base], list) and len(v) == len(record[base]):
+            out[base] = [float(f) if isinstance(f, str) else x for x, f in zip(record[base], v, strict=True)]
+            del out[k]
+    return out
+
+
+def _dependency_versions() -> dict:
+    """Installed version of every dependency of the ``fljax`` distribution (extras included)."""
+    import importlib.metadata as metadata
+    import re
+
+    try:
+        requires = metadata.requires("fljax") or []
+    except metadata.PackageNotFoundError:
+        return {}
+    versions = {}
+    for req in requires:
+        name = re.match(r"[A-Za-z0-9._-]+", req).group(0)
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None  # an optional extra that is not installed
+    return versions
+
+
+class _Progress:
+    """Progress of one training: tqdm when stderr is a terminal, else plain lines on stderr.
+
+    The plain line, e.g. ``federated: round 10/30: client_train_loss=0.512 fed_mean_accuracy=0.810
+    (1.2 s/round)``, comes every ``max(1, rounds // 10)`` rounds and after the last round of a
+    run that writes a folder; a training without a folder (a baseline) prints only its last line.
+    """
+
+    SHOWN = ("client_train_loss", "test_accuracy", "fed_mean_accuracy", "epsilon")
+
+    def __init__(self, rounds: int, start: int, *, desc: str, enabled: bool, every_line: bool):
+        self.rounds, self.start, self.desc, self.enabled = rounds, start, desc, enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.every = max(1, rounds // 10) if every_line else 0
+        self.t0, self.last = time.perf_counter(), None
+        self.bar = None
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=rounds, initial=start, desc=desc, leave=False, dynamic_ncols=True)
+
+    def _shown(self, record: dict) -> dict:
+        return {k: record[k] for k in self.SHOWN if isinstance(record.get(k), float | int)}
+
+    def update(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.last = record
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{v:.3f}" for k, v in self._shown(record).items()})
+        elif self.every and record["round"] % self.every == 0 and record["round"] != self.rounds:
+            self._line(record)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled and self.last is not None:
+            self._line(self.last)
+
+    def _line(self, record: dict) -> None:
+        done = record["round"] - self.start
+        rate = (time.perf_counter() - self.t0) / max(done, 1)
+        shown = " ".join(f"{k}={v:.3f}" for k, v in self._shown(record).items())
+        print(
+            f"{self.desc}: round {record['round']}/{self.rounds}: {shown} ({rate:.2g} s/round)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+TENSORBOARD = "tensorboard"  # event files of a run folder, one scalar per metric and round
+
+
+def _tensorboard(out_dir, start: int):
+    """A tensorboardX writer for ``out_dir/tensorboard`` (no TensorFlow needed), or None.
+
+    A resumed run gives ``purge_step=start + 1``: TensorBoard then hides the events of rounds
+    after ``start`` written before the interruption (they are recomputed). A fresh run first
+    removes event files left by an earlier run of the folder.
+    """
+    if out_dir is None:
+        return None
+    from tensorboardX import SummaryWriter
+
+    logdir = pathlib.Path(out_dir) / TENSORBOARD
+    if not start and logdir.is_dir():
+        for p in logdir.glob("events.out.tfevents.*"):
+            p.unlink()
+    return SummaryWriter(str(logdir), purge_step=start + 1 if start else None)
+
+
+def _tensorboard_scalars(writer, record: dict) -> None:
+    """Every number of a round record as a scalar at step ``round``; a list ``k`` as ``k/<i>``."""
+    if writer is None:
+        return
+    step = int(record["round"])
+    for k, v in _restore(record).items():
+        if k == "round" or isinstance(v, bool):
+            continue
+        if isinstance(v, int | float):
+            writer.add_scalar(k, float(v), step)
+        elif isinstance(v, list) and all(isinstance(x, int | float) for x in v):
+            for i, x in enumerate(v):
+                writer.add_scalar(f"{k}/{i}", float(x), step)
+
+
+def _curve(runs: list[list[dict]], key: str):
+    """(rounds, mean, min, max, n) of ``key`` over the repeats that report it at each round."""
+    by_round: dict[int, list[float]] = {}
+    for records in runs:
+        for r in map(_restore, records):
+            v = r.get(key)
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                by_round.setdefault(int(r["round"]), []).append(float(v))
+    rounds = sorted(by_round)
+    vals = [np.array(by_round[t]) for t in rounds]
+    return (
+        np.array(rounds),
+        np.array([v.mean() for v in vals]),
+        np.array([v.min() for v in vals]),
+        np.array([v.max() for v in vals]),
+        max((len(v) for v in vals), default=0),
+    )
 
 
 if __name__ == "__main__":

@@ -98,8 +98,10 @@ def test_set_overrides_are_checked():
     run = _runner()
     cfg = run.load_config(HEART, ["client.learning_rate=0.5", "rounds=7"])
     assert cfg["client"]["learning_rate"] == 0.5 and cfg["rounds"] == 7
-    with pytest.raises(KeyError, match="unknown key"):
+    with pytest.raises(run.ConfigError, match="unknown key"):
         run.load_config(HEART, ["client.learning_rat=0.5"])
+    with pytest.raises(run.ConfigError, match="expected a positive number"):
+        run.load_config(HEART, ["client.learning_rate=fast"])
 
 
 def test_heart_disease_data_shipped_in_package():
