@@ -1038,31 +1038,20 @@ def run_once(config: dict, out: pathlib.Path, *, resume=False, progress=True, ve
                     desc=f"alone: {names[c]}",
                 )
                 table["local"].append(recs[-1]["acc"])
-        if "nonprivate" in baselines:  # the same federation without DP or secure aggregation
-            _, recs = train(
-                alone,
-                train_data,
-                model,
-                eval_fn=lambda p: {
-                    "per": evaluation.federated_evaluate(model, p, test_data)["per_client_accuracy"]
-                },
-                progress=progress,
-                desc="federated, not private",
-            )
-            table["nonprivate"] = recs[-1]["per"]
-        if "pooled" in baselines:
-            pooled = FederatedData.from_clients([train_data.pooled()], num_classes=train_data.num_classes)
-            _, recs = train(
-                alone,
-                pooled,
-                model,
-                eval_fn=lambda p: {
-                    "per": evaluation.federated_evaluate(model, p, test_data)["per_client_accuracy"]
-                },
-                progress=progress,
-                desc="pooled data",
-            )
-            table["pooled"] = recs[-1]["per"]
+        per_client = lambda p: {
+            "per": evaluation.federated_evaluate(model, p, test_data)["per_client_accuracy"]
+        }
+        others = {  # the same federation without DP or secure aggregation; everyone's data in one place
+            "nonprivate": (lambda: train_data, "federated, not private"),
+            "pooled": (
+                lambda: FederatedData.from_clients([train_data.pooled()], num_classes=train_data.num_classes),
+                "pooled data",
+            ),
+        }
+        for col, (population, desc) in others.items():
+            if col in baselines:
+                _, recs = train(alone, population(), model, eval_fn=per_client, progress=progress, desc=desc)
+                table[col] = recs[-1]["per"]
     _write_atomic(
         out / "summary.json",
         _dumps(summary | {"per_client_test_accuracy": table}, indent=1),
