@@ -11,6 +11,14 @@ from tests import helpers
 
 STATE = {"w": jnp.sin(jnp.arange(2000.0)), "b": jnp.ones((2, 3), jnp.int32)}
 
+# Reading a damaged checkpoint can leave a tensorstore future whose callback fires after orbax has
+# closed its asyncio loop ("Event loop is closed" in a finaliser) or a coroutine never awaited;
+# both are timing-dependent orbax teardown, not results: fljax's own warnings stay errors here.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+    pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning"),
+]
+
 
 def _saved(directory, rounds):
     for r in rounds:
@@ -83,7 +91,8 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, da
         checkpoint.restore(tmp_path, 4, STATE)
     with pytest.warns(checkpoint.CheckpointFallbackWarning, match="round 4 .*falling back to round 2") as w:
         step, state, extra = checkpoint.restore_latest(tmp_path, STATE)
-    assert len(w) == 1 and "\n" not in str(w[0].message)
+    ours = [x for x in w if issubclass(x.category, checkpoint.CheckpointFallbackWarning)]
+    assert len(ours) == 1 and "\n" not in str(ours[0].message)  # (orbax may add its own, see above)
     assert (step, extra) == (2, {"round": 2})
     helpers.assert_trees_equal(state, _plus(STATE, 2))
     messages = []
