@@ -23,6 +23,7 @@ import pytest
 
 from fljax import checkpoint
 from tests import helpers
+from tests.test_checkpoint import _flip_a_byte
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 RUN = str(REPO / "experiments" / "run.py")
@@ -166,16 +167,6 @@ def test_kill_at_random_moments_then_resume(env, reference, tmp_path):
     code, printed = _run(env, out, "--resume")
     assert code == 0, printed
     _assert_same_run(out, reference)
-
-
-def _flip_a_byte(step_dir):
-    """Flips a byte in the middle of the checkpoint's largest file, its array data: orbax reads
-    it back without an error, as wrong numbers."""
-    files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
-    biggest = max(files, key=lambda p: p.stat().st_size)
-    data = bytearray(biggest.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    biggest.write_bytes(bytes(data))
 
 
 def test_corrupted_latest_checkpoint_falls_back_with_one_warning(env, reference, tmp_path):

@@ -5,23 +5,15 @@ import importlib.metadata
 import importlib.util
 import json
 import math
-import pathlib
 import re
 import struct
 
 import numpy as np
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-HEART = str(REPO / "experiments" / "configs" / "heart_disease.py")
+from tests.experiments.test_run import HEART, _runner
+
 DP = {"clip_norm": 1.0, "noise_multiplier": 1.0, "sampling": "poisson", "cohort_size": 2}
-
-
-def _runner():
-    spec = importlib.util.spec_from_file_location("fljax_run", REPO / "experiments" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _reject(name):
