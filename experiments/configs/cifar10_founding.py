@@ -15,33 +15,19 @@ the config uses 0.01. Data: the offline JPEG copy of CIFAR-10 (report as
 Runtime and measured accuracy: see the README's results table (2 CPU cores).
 """
 
+from fljax.experiment import Client, Cohort, Config, Images, Model, Server
 
-def get_config() -> dict:
-    return {
-        "name": "cifar10_founding_noniid",
-        "seed": 0,
-        "data": {
-            "name": "cifar10",
-            "num_clients": 10,
-            "partition": "classes_per_client",
-            "classes_per_client": 2,
-            "source": "auto",
-        },
-        "model": {"name": "lenet"},
-        "client": {
-            "optimizer": "sgd",
-            "learning_rate": 0.01,
-            "momentum": 0.9,
-            "batch_size": 32,
-            "num_epochs": 3,
-            "weighting": "num_examples",
-        },
-        "server": {"algorithm": "fedavg", "learning_rate": 1.0},
-        "cohort": {"sampling": "uniform", "size": 5},
-        "rounds": 50,
-        "eval_every": 5,
-        "checkpoint_every": 10,
-        "dp": None,  # e.g. {"clip_norm": 1.0, "noise_multiplier": 1.0, "budget_epsilon": 8.0}
-        "secagg": None,  # e.g. {"clip_range": 1.0, "frac_bits": 16}
-        "baselines": (),
-    }
+
+def get_config() -> Config:
+    return Config(
+        name="cifar10_founding_noniid",
+        seed=0,
+        data=Images(name="cifar10", num_clients=10, partition="classes_per_client", classes_per_client=2),
+        model=Model(name="lenet"),
+        client=Client(optimizer="sgd", learning_rate=0.01, momentum=0.9, batch_size=32, num_epochs=3),
+        server=Server(algorithm="fedavg", learning_rate=1.0),
+        cohort=Cohort(sampling="uniform", size=5),
+        rounds=50,
+        eval_every=5,
+        checkpoint_every=10,
+    )

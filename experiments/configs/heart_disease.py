@@ -12,28 +12,20 @@ Measured over all 230 held-out patients (mean +- sd over 5 splits): alone
 gains from federating, Switzerland (90% positive) loses (README table).
 """
 
+from fljax.experiment import Client, Config, HeartDisease, Model, Server
 
-def get_config() -> dict:
-    return {
-        "name": "heart_disease",
-        "seed": 0,
-        "data": {"name": "heart_disease", "test_fraction": 0.25, "split_seed": 0},
-        "model": {"name": "mlp", "hidden": (32,)},
-        "client": {
-            "optimizer": "sgd",
-            "learning_rate": 0.01,
-            "momentum": 0.9,
-            "batch_size": 16,
-            "num_epochs": 1,
-            "weighting": "num_examples",
-        },
-        "server": {"algorithm": "fedavg", "learning_rate": 1.0},
-        "cohort": {"sampling": "all"},
-        "rounds": 30,
-        "eval_every": 5,
-        "checkpoint_every": 10,
-        "dp": None,  # e.g. {"clip_norm": 1.0, "noise_multiplier": 1.0, "budget_epsilon": 8.0}
-        "secagg": None,  # e.g. {"clip_range": 1.0, "frac_bits": 16}
-        "baselines": ("local", "pooled"),
-        "repeats": 5,
-    }
+
+def get_config() -> Config:
+    return Config(
+        name="heart_disease",
+        seed=0,
+        data=HeartDisease(test_fraction=0.25, split_seed=0),
+        model=Model(name="mlp", hidden=(32,)),
+        client=Client(optimizer="sgd", learning_rate=0.01, momentum=0.9, batch_size=16, num_epochs=1),
+        server=Server(algorithm="fedavg", learning_rate=1.0),
+        rounds=30,
+        eval_every=5,
+        checkpoint_every=10,
+        baselines=("local", "pooled"),
+        repeats=5,
+    )

@@ -24,20 +24,24 @@ aggregation, against 0.806 +- 0.020 for the same federation without privacy;
 epsilon 39.8 at delta 1e-5 (RDP) after 30 rounds. Per-hospital table: README.
 """
 
+import dataclasses
 import importlib.util
 import pathlib
 
+from fljax.experiment import DP, Config, SecAgg
 
-def get_config() -> dict:
+
+def get_config() -> Config:
     spec = importlib.util.spec_from_file_location(
         "heart_disease", pathlib.Path(__file__).with_name("heart_disease.py")
     )
     base = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(base)
-    return base.get_config() | {
-        "name": "heart_disease_private",
+    return dataclasses.replace(
+        base.get_config(),
+        name="heart_disease_private",
         # Every hospital takes part in every round: Poisson sampling with q = 1.
-        "dp": {"clip_norm": 0.1, "noise_multiplier": 1.0, "sampling": "poisson", "delta": 1e-5},
-        "secagg": {"clip_range": 1.0, "frac_bits": 16},
-        "baselines": ("local", "nonprivate", "pooled"),
-    }
+        dp=DP(clip_norm=0.1, noise_multiplier=1.0, sampling="poisson", delta=1e-5),
+        secagg=SecAgg(clip_range=1.0, frac_bits=16),
+        baselines=("local", "nonprivate", "pooled"),
+    )

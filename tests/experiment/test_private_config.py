@@ -3,7 +3,7 @@
 import json
 import math
 
-from tests.experiments.test_run import REPO, _runner
+from tests.experiment.test_run import REPO, _runner
 
 PRIVATE = str(REPO / "experiments" / "configs" / "heart_disease_private.py")
 

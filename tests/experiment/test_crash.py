@@ -2,13 +2,12 @@
 
 The trainer runs as a real subprocess and is killed with SIGKILL at seeded random moments and at
 forced points (half-way through a metrics line, inside a checkpoint save, through the test hook
-``FLJAX_TEST_CRASH`` of experiments/run.py). Subprocesses share a JAX compilation cache to
+``FLJAX_TEST_CRASH`` of fljax.experiment.trainer). Subprocesses share a JAX compilation cache to
 start faster; the reference run compiles afresh, so the comparisons also check that a cached
 executable computes the same bits.
 """
 
 import fcntl
-import importlib.util
 import json
 import os
 import pathlib
@@ -23,6 +22,7 @@ import pytest
 
 from fljax import checkpoint
 from tests import helpers
+from tests.experiment import runner
 from tests.test_checkpoint import _flip_a_byte
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -94,10 +94,7 @@ def _metrics(out):
 
 
 def _runner():
-    spec = importlib.util.spec_from_file_location("fljax_run", RUN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return runner
 
 
 def _state_template():
@@ -107,7 +104,7 @@ def _state_template():
 
     run = _runner()
     config = run.load_config(HEART, [])
-    model = run.build_model(config["model"], 2)
+    model = run.build_model(config.model, 2)
     params = models.init_params(model, (29,), jax.random.key(0))
     return run.build_algorithm(config, model).init(params)
 

@@ -5,7 +5,7 @@ import numpy as np
 
 from fljax import checkpoint, models
 from tests import helpers
-from tests.experiments.test_run import HEART, _metrics, _runner
+from tests.experiment.test_run import HEART, _metrics, _runner
 
 SCAFFOLD = [
     "--config", HEART, "--set", "baselines=()", "--set", "eval_every=2", "--set", "checkpoint_every=2",
@@ -22,7 +22,7 @@ def test_scaffold_run_resumes_with_its_client_states_bit_for_bit(tmp_path):
     run.main(SCAFFOLD + ["--set", "rounds=4", "--out", str(resumed), "--resume"])
     assert _metrics(straight) == _metrics(resumed)
     config = run.load_config(HEART, ["server.algorithm='scaffold'", "client.momentum=0"])
-    model = run.build_model(config["model"], 2)
+    model = run.build_model(config.model, 2)
     params = models.init_params(model, (29,), jax.random.key(0))
     states = run.build_client_states(config, model, params, 4)
     template = (run.build_algorithm(config, model, num_clients=4).init(params), states.tree)

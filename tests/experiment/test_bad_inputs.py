@@ -4,10 +4,11 @@ Each line names the key and the offending value and says what is allowed; genuin
 their traceback (only ``ConfigError`` becomes a one-liner).
 """
 
-import importlib.util
 import pathlib
 
 import pytest
+
+from tests.experiment import runner
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "experiments" / "configs"
@@ -19,10 +20,7 @@ DP = "dp={'clip_norm': 1.0, 'noise_multiplier': 1.0"
 
 
 def _runner():
-    spec = importlib.util.spec_from_file_location("fljax_run", REPO / "experiments" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return runner
 
 
 RUN = _runner()
@@ -63,7 +61,25 @@ BAD = {
     "unknown algorithm": (HEART, ["server.algorithm=fedfoo"], "server.algorithm='fedfoo': expected one of"),
     "unknown model": (HEART, ["model.name=resnet"], "model.name='resnet': expected one of"),
     "unknown aggregator": (HEART, ["aggregator=mode"], "aggregator='mode': expected"),
-    "unknown data set": (HEART, ["data.name=mnist"], "data.name='mnist': expected one of"),
+    "unknown data set": (HEART, ["data.name=imagenet"], "data.name='imagenet': expected one of"),
+    "data key of another data set after a switch": (
+        HEART,
+        ["data.name=mnist", "data.test_fraction=0.5"],
+        "data.test_fraction=0.5: unknown key",
+    ),
+    "examples per client with a non-iid split": (
+        HEART,
+        ["data={'name': 'mnist', 'partition': 'shards', 'examples_per_client': 60}"],
+        "data.examples_per_client=60: expected None unless data.partition='iid'",
+    ),
+    "custom data without a file": (HEART, ["data={'name': 'custom'}"], "data.path: missing"),
+    "mnist files missing": (
+        HEART,
+        ["data={'name': 'mnist', 'source': 'local', 'data_dir': '/nonexistent/mnist'}"],
+        "data.data_dir='/nonexistent/mnist'",
+    ),
+    "poisson cohort without q": (HEART, ["cohort.sampling=poisson"], "cohort.q: missing"),
+    "unknown metric": (HEART, ["metrics=('auc', 'f1')"], "metrics=('auc', 'f1'): expected a tuple of"),
     "unknown sampling": (HEART, ["cohort.sampling=random"], "cohort.sampling='random': expected one of"),
     "unknown optimizer": (HEART, ["client.optimizer=lbfgs"], "client.optimizer='lbfgs': expected one of"),
     "unknown baseline": (HEART, ["baselines=('local', 'global')"], "baselines=('local', 'global'): expected"),
@@ -77,7 +93,7 @@ BAD = {
         "cohort.size=9: expected at most the population, 4 clients",
     ),
     "uniform cohort without size": (HEART, ["cohort={'sampling': 'uniform'}"], "cohort.size: missing"),
-    "fedprox without mu": (HEART, ["server.algorithm=fedprox"], "server.mu: missing"),
+    "fedprox with negative mu": (HEART, ["server.mu=-0.1"], "server.mu=-0.1: expected a number >= 0"),
     "scaffold with momentum": (HEART, ["server.algorithm=scaffold"], "client.momentum=0.9: expected 0"),
     "dp budget below one round": (
         HEART,
@@ -137,8 +153,8 @@ def test_bad_input_is_one_line_and_exit_2(config, sets, expected, tmp_path, caps
 
 def test_cifar_data_dir_is_a_settable_key():
     config = RUN.load_config(CIFAR, ["data.data_dir=/some/folder", "client.learning_rate=1"])
-    assert config["data"]["data_dir"] == "/some/folder"
-    assert config["client"]["learning_rate"] == 1.0 and isinstance(config["client"]["learning_rate"], float)
+    assert config.data.data_dir == "/some/folder"
+    assert config.client.learning_rate == 1.0 and isinstance(config.client.learning_rate, float)
 
 
 def test_config_error_is_a_value_error_and_bugs_keep_their_traceback(monkeypatch, tmp_path):
@@ -147,7 +163,7 @@ def test_config_error_is_a_value_error_and_bugs_keep_their_traceback(monkeypatch
     def bug(*args, **kwargs):
         raise ValueError("a genuine bug")
 
-    monkeypatch.setattr(RUN, "run_once", bug)
+    monkeypatch.setattr(RUN.trainer, "run_once", bug)
     with pytest.raises(ValueError, match="a genuine bug"):
         RUN.main(_argv(HEART, [], tmp_path / "out"))
 

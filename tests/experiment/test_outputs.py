@@ -2,7 +2,6 @@
 TensorBoard event files and plain progress lines in non-terminal logs."""
 
 import importlib.metadata
-import importlib.util
 import json
 import math
 import re
@@ -11,7 +10,7 @@ import struct
 import numpy as np
 import pytest
 
-from tests.experiments.test_run import HEART, _runner
+from tests.experiment.test_run import HEART, _runner
 
 DP = {"clip_norm": 1.0, "noise_multiplier": 1.0, "sampling": "poisson", "cohort_size": 2}
 
@@ -57,15 +56,15 @@ def _scalars(logdir):
 def test_strict_json_convention():
     run = _runner()
     obj = {"a": math.inf, "b": [1.0, math.nan, -math.inf], "c": np.float32(-np.inf), "d": {"e": 2}}
-    text = run._dumps(obj)
+    text = run.dumps(obj)
     back = _strict_load(text)
     assert back["a"] is None and back["a_nonfinite"] == "inf"
     assert back["b"] == [1.0, None, None] and back["b_nonfinite"] == [None, "nan", "-inf"]
     assert back["c"] is None and back["c_nonfinite"] == "-inf"
     assert back["d"] == {"e": 2} and "d_nonfinite" not in back
-    restored = run._restore(back)
+    restored = run.restore(back)
     assert restored["a"] == math.inf and restored["c"] == -math.inf
-    assert run._strict(back) == back  # idempotent: a record read back is written the same way
+    assert run.strict(back) == back  # idempotent: a record read back is written the same way
     with pytest.raises(ValueError):
         json.dumps({"x": math.nan}, allow_nan=False)
 
@@ -131,7 +130,7 @@ def test_plot_averages_repeats_and_shows_epsilon(tmp_path):
         ]
         for s in range(3)  # repeats of different lengths (a budget stop) still plot
     ]
-    rounds, mean, lo, hi, n = run._curve(runs, "client_train_loss")
+    rounds, mean, lo, hi, n = run.curve(runs, "client_train_loss")
     np.testing.assert_array_equal(rounds, [1, 2, 3, 4])
     assert n == 3 and mean[0] == pytest.approx(2.0) and lo[0] == 1.0 and hi[0] == 3.0
     assert mean[3] == pytest.approx(0.25)  # only the repeat that reached round 4

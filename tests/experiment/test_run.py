@@ -1,6 +1,5 @@
 """The runner end to end: the main job's outputs, overrides, and resume == uninterrupted."""
 
-import importlib.util
 import json
 import pathlib
 
@@ -9,16 +8,14 @@ import pytest
 
 from fljax import checkpoint
 from tests import helpers
+from tests.experiment import runner
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 HEART = str(REPO / "experiments" / "configs" / "heart_disease.py")
 
 
 def _runner():
-    spec = importlib.util.spec_from_file_location("fljax_run", REPO / "experiments" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return runner
 
 
 def _metrics(out):
@@ -89,7 +86,7 @@ def _final_state_template(run):
     from fljax import models
 
     config = run.load_config(HEART, [])
-    model = run.build_model(config["model"], 2)
+    model = run.build_model(config.model, 2)
     params = models.init_params(model, (29,), jax.random.key(0))
     return run.build_algorithm(config, model).init(params)
 
@@ -97,7 +94,7 @@ def _final_state_template(run):
 def test_set_overrides_are_checked():
     run = _runner()
     cfg = run.load_config(HEART, ["client.learning_rate=0.5", "rounds=7"])
-    assert cfg["client"]["learning_rate"] == 0.5 and cfg["rounds"] == 7
+    assert cfg.client.learning_rate == 0.5 and cfg.rounds == 7
     with pytest.raises(run.ConfigError, match="unknown key"):
         run.load_config(HEART, ["client.learning_rat=0.5"])
     with pytest.raises(run.ConfigError, match="expected a positive number"):

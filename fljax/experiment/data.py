@@ -1,0 +1,578 @@
+"""The data of an experiment: a typed data section (:mod:`fljax.experiment.config`) to populations.
+
+:func:`load` turns one data section into a :class:`Prepared`: the training population, a
+per-client held-out population aligned with it (same clients, same order) or a central test set,
+the number of classes and, when a partitioner split central data, its :func:`partition.report`.
+
+=====================  ==========================================  =================================
+section                clients                                     held out
+=====================  ==========================================  =================================
+``HeartDisease``       4 hospitals (shipped)                       each hospital's own patients
+``Images``             ``num_clients`` from a partitioner           the central test split
+``FEMNIST``            writers (first ``max_clients``)              the central test split
+``Shakespeare``        speaking roles (first ``max_clients``)       the pooled test split
+``Tabular``            one per value of ``client_column``           adult: ``adult.test`` by client;
+                                                                   credit: each client's own rows
+``Custom``             one per value of ``client_column``           each client's own rows
+=====================  ==========================================  =================================
+
+A per-client row split (:func:`split_rows`) holds out ``round(test_fraction * n)`` of each
+client's ``n`` rows, drawn from ``split_seed``, and always leaves a client at least one training
+row (a client may then have no held-out rows). ``Custom`` features are standardised with
+:mod:`fljax.data.standardize`: statistics from sums of the TRAINING clients' per-client sums (what
+one secure-sum round gives), applied to train and held-out rows.
+
+Randomness: ``key`` (the run's ``"data"`` stream, :mod:`fljax.random`) draws the image subset
+(``host_rng(key, 1)``), the ``examples_per_client`` cut (``host_rng(key, 2)``) and the partition
+(the partitioner's own use of ``key``); ``Images.seed`` is applied by the caller when it derives
+``key``. Row splits use ``split_seed``, so they stay fixed while the run seed changes.
+
+Errors: a missing file, an unknown column or unusable values raise
+:class:`~fljax.experiment.config.ConfigError` with one line ``data.KEY=VALUE: what is wrong;
+how to fix it``. Only the errors a loader is expected to raise for bad input
+(``FileNotFoundError``, ``ValueError``) are reworded; anything else propagates.
+
+Example:
+  >>> import jax
+  >>> from fljax.experiment import config
+  >>> d = load(config.HeartDisease(), jax.random.key(0))
+  >>> d.train.num_clients, d.test.client_names == d.train.client_names, d.num_classes
+  (4, True, 2)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+
+import jax
+import numpy as np
+
+from fljax import random as fl_random
+from fljax.data import partition, standardize
+from fljax.data.datasets import cifar10, custom, femnist, heart_disease, images, paths, shakespeare, tabular
+from fljax.data.federated import FederatedData
+from fljax.experiment import config
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """An experiment's data, ready for the trainer.
+
+    Attributes:
+      train: the training population.
+      test: per-client held-out data with train's clients in train's order (a client may have
+        no rows), or ``None``.
+      central_test: a central test set ``(x, y)``, or ``None``.
+      num_classes: number of classes of the labels.
+      report: :func:`fljax.data.partition.report` when a partitioner split central data.
+    """
+
+    train: FederatedData
+    test: FederatedData | None
+    central_test: tuple[np.ndarray, np.ndarray] | None
+    num_classes: int
+    report: dict | None = None
+
+
+def load(data: config.Data, key: jax.Array) -> Prepared:
+    """The populations of data section ``data`` (see the module docstring).
+
+    Args:
+      data: one data section of :class:`fljax.experiment.config.Config`.
+      key: typed key for partitions and subsets (the run's ``"data"`` stream).
+
+    Returns:
+      A :class:`Prepared`.
+
+    Raises:
+      ConfigError: a missing file or folder, an unknown column, unusable values or a partition
+        the data cannot give; the message names the key and how to fix it.
+    """
+    if isinstance(data, config.HeartDisease):
+        return _heart_disease(data)
+    if isinstance(data, config.Images):
+        return _images(data, key)
+    if isinstance(data, config.FEMNIST):
+        return _femnist(data)
+    if isinstance(data, config.Shakespeare):
+        return _shakespeare(data)
+    if isinstance(data, config.Tabular):
+        return _tabular(data)
+    if isinstance(data, config.Custom):
+        return _custom(data)
+    raise config.bad("data", type(data).__name__, f"expected one of {', '.join(config.DATA_NAMES)}")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _error(key: str, value, text: str) -> config.ConfigError:
+    """``ConfigError`` ``key=value: text`` on one line."""
+    return config.bad(key, value, " ".join(str(text).split()))
+
+
+def _missing(
+    data, folder_name: str, what: str, extra: tuple[str, ...] = (), note: str = ""
+) -> config.ConfigError:
+    """``data.data_dir=...: no WHAT found (searched ...); expected --set data.data_dir=...``."""
+    searched = ", ".join(str(f.resolve()) for f in paths.candidates(folder_name, data.data_dir, extra))
+    return _error(
+        "data.data_dir",
+        data.data_dir,
+        f"no {what} found (searched {searched}{note}); expected --set data.data_dir=FOLDER (the folder "
+        f"holding the files) or {paths.ENV_VAR}=ROOT (holding {folder_name}/)",
+    )
+
+
+def _locate(data, folder_name: str, required: list[str], what: str) -> pathlib.Path:
+    """The folder holding ``required`` (see :func:`paths.find`), else ``ConfigError``."""
+    try:
+        return paths.find(folder_name, required, data.data_dir)
+    except FileNotFoundError:
+        raise _missing(data, folder_name, what) from None
+
+
+def _first(arrays: tuple[np.ndarray, np.ndarray], n: int | None) -> tuple[np.ndarray, np.ndarray]:
+    return arrays if n is None else (arrays[0][:n], arrays[1][:n])
+
+
+def _first_clients(population: FederatedData, n: int | None) -> FederatedData:
+    if n is None or n >= population.num_clients:
+        return population
+    return population.subset(range(n))
+
+
+def _aligned(test: FederatedData, names: tuple[str, ...]) -> FederatedData:
+    """``test`` with clients ``names`` in that order: others dropped, absent ones empty."""
+    where = {n: c for c, n in enumerate(test.client_names)}
+    empty = (test.x[:0], test.y[:0])
+    return FederatedData.from_clients(
+        [test.client(where[n]) if n in where else empty for n in names],
+        client_names=names,
+        num_classes=test.num_classes,
+        allow_empty=True,
+    )
+
+
+def split_rows(
+    population: FederatedData, test_fraction: float, seed: int
+) -> tuple[FederatedData, FederatedData]:
+    """Split each client's rows into train and held-out rows (same clients, same order).
+
+    Each client with ``n`` rows holds out ``min(round(test_fraction * n), n - 1)`` of them at
+    random: every row lands in exactly one of the two, and every client keeps at least one
+    training row (its held-out part may be empty). Rows keep their order.
+
+    Args:
+      population: the clients' rows.
+      test_fraction: held-out share of each client, in ``(0, 1)``.
+      seed: split seed; the same seed gives the same split.
+
+    Returns:
+      ``(train, test)``.
+
+    Example:
+      >>> d = FederatedData.from_clients([(np.zeros((8, 1)), np.zeros(8)), (np.zeros((1, 1)), np.zeros(1))])
+      >>> train, test = split_rows(d, 0.25, seed=0)
+      >>> train.sizes.tolist(), test.sizes.tolist()
+      ([6, 1], [2, 0])
+    """
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in range(population.num_clients):
+        start, size = int(population.offsets[c]), int(population.sizes[c])
+        rows = start + rng.permutation(size)
+        k = max(0, min(int(round(test_fraction * size)), size - 1))
+        test.append(np.sort(rows[:k]))
+        train.append(np.sort(rows[k:]))
+    kwargs = {"client_names": population.client_names, "num_classes": population.num_classes}
+    return (
+        FederatedData.from_partition(population.x, population.y, train, allow_empty=True, **kwargs),
+        FederatedData.from_partition(population.x, population.y, test, allow_empty=True, **kwargs),
+    )
+
+
+# ----------------------------------------------------------------------------- heart disease
+
+
+def _heart_disease(data: config.HeartDisease) -> Prepared:
+    kwargs = {} if data.path is None else {"path": data.path}
+    try:
+        d = heart_disease.load(test_fraction=data.test_fraction, seed=data.split_seed, **kwargs)
+    except FileNotFoundError:
+        if data.path is None:
+            raise
+        raise _error(
+            "data.path", data.path, "file not found; expected a CSV in the shipped layout, or None"
+        ) from None
+    except (ValueError, KeyError) as e:
+        if data.path is None:
+            raise
+        what = f"lacks column {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
+        raise _error(
+            "data.path", data.path, f"{what}; expected a CSV in the shipped layout (site, ..., target)"
+        ) from None
+    return Prepared(train=d.train, test=d.test, central_test=None, num_classes=2)
+
+
+# ----------------------------------------------------------------------------- central images
+
+_IMAGE_NAMES = {
+    "mnist": "MNIST files (mnist.npz or the idx files)",
+    "fashion_mnist": "Fashion-MNIST idx files",
+    "emnist": "EMNIST idx files",
+    "cifar100": "CIFAR-100 pickles (train, test)",
+}
+
+
+def _image_arrays(data: config.Images):
+    """``(x_train, y_train), (x_test, y_test), num_classes`` of an image data set."""
+    if data.name == "cifar10":
+        source = "jpeg" if data.source == "local" else data.source
+        try:
+            raw = cifar10.load_raw(data.data_dir, source=source)
+        except FileNotFoundError:
+            raise _error(
+                "data.data_dir",
+                data.data_dir,
+                f"no CIFAR-10 archive {cifar10.ARCHIVE} found (searched data.data_dir if set, else "
+                "$FLJAX_DATA_DIR/cifar10_jpeg and ../shared/data/cifar10_jpeg, and tensorflow-datasets "
+                "could not load it); expected --set data.data_dir=FOLDER or FLJAX_DATA_DIR=FOLDER",
+            ) from None
+        except ValueError as e:
+            raise _error("data.data_dir", data.data_dir, f"unreadable CIFAR-10 archive: {e}") from None
+        except ImportError:
+            if source != "tfds":
+                raise
+            raise _no_tfds(data) from None
+        return (raw["x_train"], raw["y_train"]), (raw["x_test"], raw["y_test"]), 10
+    if data.source == "jpeg":
+        raise _error(
+            "data.source",
+            data.source,
+            f"'jpeg' is CIFAR-10's archive; expected 'auto', 'local' or 'tfds' for data.name={data.name!r}",
+        )
+    if data.name == "emnist" and data.subset not in images.EMNIST_SPLITS:
+        raise _error("data.subset", data.subset, f"expected one of {', '.join(images.EMNIST_SPLITS)}")
+    loader, kwargs, num_classes = {
+        "mnist": (images.mnist, {}, 10),
+        "fashion_mnist": (images.fashion_mnist, {}, 10),
+        "emnist": (images.emnist, {"subset": data.subset}, images.EMNIST_SPLITS.get(data.subset)),
+        "cifar100": (images.cifar100, {}, 100),
+    }[data.name]
+    extra = ("/usr/share/datasets/fashion-mnist",) if data.name == "fashion_mnist" else ()
+    try:
+        arrays = [loader(s, data_dir=data.data_dir, source=data.source, **kwargs) for s in ("train", "test")]
+    except FileNotFoundError:
+        raise _missing(data, data.name, _IMAGE_NAMES[data.name], extra) from None
+    except ImportError:  # no local files and no tensorflow-datasets to fall back on
+        if data.source == "local":
+            raise
+        if data.source == "tfds":
+            raise _no_tfds(data) from None
+        raise _missing(
+            data, data.name, _IMAGE_NAMES[data.name], extra, "; no tensorflow-datasets to fall back on"
+        ) from None
+    except ValueError as e:
+        raise _error("data.data_dir", data.data_dir, f"unreadable {data.name} files: {e}") from None
+    return arrays[0], arrays[1], num_classes
+
+
+def _no_tfds(data: config.Images) -> config.ConfigError:
+    return _error(
+        "data.source",
+        data.source,
+        f"tensorflow-datasets cannot load {data.name} here: it or TensorFlow is not installed; expected "
+        "pip install tensorflow-datasets tensorflow, or --set data.source=local with offline files",
+    )
+
+
+def _partition(data: config.Images, y: np.ndarray, key: jax.Array) -> partition.Partition:
+    n, kind = data.num_clients, data.partition
+    if kind != "iid" and data.examples_per_client is not None:
+        raise _error(
+            "data.examples_per_client", data.examples_per_client, "expected None unless data.partition='iid'"
+        )
+    if data.examples_per_client is not None:
+        need = n * data.examples_per_client
+        if need > len(y):
+            raise _error(
+                "data.examples_per_client",
+                data.examples_per_client,
+                f"{n} clients x {data.examples_per_client} examples = {need} > the {len(y)} training "
+                "examples; expected fewer clients or examples per client",
+            )
+        order = fl_random.host_rng(key, 2).permutation(len(y))[:need]
+        return partition.Partition([np.sort(p).astype(np.int64) for p in np.split(order, n)])
+    own = {  # the partitioner's own parameter: the key named when it rejects the data
+        "iid": ("data.num_clients", n, lambda: partition.iid(y, n, key)),
+        "classes_per_client": (
+            "data.classes_per_client",
+            data.classes_per_client,
+            lambda: partition.classes_per_client(y, n, data.classes_per_client, key),
+        ),
+        "shards": (
+            "data.shards_per_client",
+            data.shards_per_client,
+            lambda: partition.shards(y, n, data.shards_per_client, key),
+        ),
+        "dirichlet": ("data.alpha", data.alpha, lambda: partition.dirichlet(y, n, data.alpha, key)),
+    }
+    name, value, split = own[kind]
+    try:
+        return split()
+    except ValueError as e:
+        if "num_clients" in str(e):
+            name, value = "data.num_clients", n
+        raise _error(name, value, f"data.partition={kind!r} cannot split {len(y)} examples: {e}") from None
+
+
+def _images(data: config.Images, key: jax.Array) -> Prepared:
+    (x_train, y_train), test, num_classes = _image_arrays(data)
+    if data.max_train_examples is not None:  # a random subset, drawn before the partition
+        keep = fl_random.host_rng(key, 1).permutation(len(y_train))[: data.max_train_examples]
+        x_train, y_train = x_train[keep], y_train[keep]
+    x_test, y_test = _first(test, data.max_test_examples)
+    if data.name == "cifar10":
+        x_train, x_test = cifar10.normalize(x_train), cifar10.normalize(x_test)
+    y_train, y_test = np.asarray(y_train, np.int32), np.asarray(y_test, np.int32)
+    p = _partition(data, y_train, key)
+    train = FederatedData.from_partition(x_train, y_train, p.indices, num_classes=num_classes)
+    return Prepared(
+        train=train,
+        test=None,
+        central_test=(x_test, y_test),
+        num_classes=num_classes,
+        report=partition.report(p, y_train, num_classes),
+    )
+
+
+# ----------------------------------------------------------------------------- natural clients
+
+
+def _femnist(data: config.FEMNIST) -> Prepared:
+    folder = _locate(data, "femnist_leaf_small", [femnist.FILE], f"FEMNIST file {femnist.FILE}")
+    try:
+        train = femnist.load("train", data_dir=folder)
+        test = femnist.load("test", data_dir=folder)
+    except (ValueError, KeyError) as e:
+        what = f"lacks an array ({e.args[0]})" if isinstance(e, KeyError) else str(e)
+        raise _error("data.data_dir", data.data_dir, f"{folder / femnist.FILE}: {what}") from None
+    return Prepared(
+        train=_first_clients(train, data.max_clients),
+        test=None,
+        central_test=_first(test.pooled(), data.max_test_examples),
+        num_classes=femnist.NUM_CLASSES,
+    )
+
+
+def _shakespeare(data: config.Shakespeare) -> Prepared:
+    folder = _locate(
+        data,
+        "shakespeare_tff",
+        ["shakespeare_train.h5|shakespeare_tff.json.gz", "shakespeare_test.h5|shakespeare_tff.json.gz"],
+        "Shakespeare files (shakespeare_train.h5 and shakespeare_test.h5, or shakespeare_tff.json.gz)",
+    )
+    try:
+        train = shakespeare.load("train", data_dir=folder, sequence_length=data.sequence_length)
+        test = shakespeare.load("test", data_dir=folder, sequence_length=data.sequence_length)
+    except (FileNotFoundError, ValueError) as e:
+        raise _error("data.data_dir", data.data_dir, f"{folder}: {e}") from None
+    return Prepared(
+        train=_first_clients(train, data.max_clients),
+        test=None,
+        central_test=_first(test.pooled(), data.max_test_examples),
+        num_classes=shakespeare.VOCAB_SIZE,
+    )
+
+
+def _tabular(data: config.Tabular) -> Prepared:
+    adult = data.name == "adult"
+    column = data.client_column or ("race" if adult else "EDUCATION")
+    allowed = tabular.ADULT_CATEGORICAL if adult else tabular.CREDIT_CATEGORICAL
+    if column not in allowed:
+        raise _error(
+            "data.client_column",
+            column,
+            f"not a categorical column of {data.name}; expected one of {', '.join(allowed)}",
+        )
+    if adult:
+        folder = _locate(
+            data, "adult_uci", ["adult.data", "adult.test"], "Adult files adult.data, adult.test"
+        )
+    else:
+        folder = _locate(data, "credit_default_uci", ["UCI_Credit_Card.csv"], "UCI_Credit_Card.csv")
+    try:
+        if not adult:
+            population = tabular.credit_default(client_column=column, data_dir=folder)
+            train, test = split_rows(population, data.test_fraction, data.split_seed)
+        else:
+            train = tabular.adult("train", client_column=column, data_dir=folder)
+            test = _aligned(tabular.adult("test", client_column=column, data_dir=folder), train.client_names)
+    except ValueError as e:
+        raise _error("data.data_dir", data.data_dir, f"{folder}: {e}") from None
+    return Prepared(train=train, test=test, central_test=None, num_classes=2)
+
+
+# ----------------------------------------------------------------------------- the user's own file
+
+
+def _columns(frame) -> str:
+    names = [str(c) for c in frame.columns]
+    return ", ".join(names[:30]) + (f", ... ({len(names)} in all)" if len(names) > 30 else "")
+
+
+def _read_frame(data: config.Custom, path: pathlib.Path):
+    import pandas as pd
+
+    if path.suffix.lower() in (".parquet", ".pq"):
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise _error(
+                "data.path",
+                data.path,
+                "reading Parquet needs pyarrow; expected pip install pyarrow "
+                "(or pip install 'fljax[parquet]'), or a .csv or .npz file",
+            ) from None
+        reader, kind = pd.read_parquet, "Parquet"
+    else:
+        reader, kind = pd.read_csv, "CSV"
+    try:
+        return reader(path)
+    except ValueError as e:  # pandas' parser errors, pyarrow's ArrowInvalid, bad encodings
+        raise _error("data.path", data.path, f"cannot read the file as {kind}: {e}") from None
+
+
+def _class_ids(values: np.ndarray, key: str, value, where: str) -> int:
+    """``num_classes`` of integer class ids ``values`` (their max + 1), else ``ConfigError``."""
+    y = np.asarray(values)
+    ok = np.issubdtype(y.dtype, np.integer) or y.dtype == bool
+    if not ok and np.issubdtype(y.dtype, np.floating):
+        ok = bool(np.all(np.isfinite(y)) and np.all(y == np.round(y)))
+    if not ok or y.size == 0 or y.min() < 0:
+        raise _error(
+            key, value, f"labels in {where} are not class ids; expected integers >= 0 (or text labels)"
+        )
+    return int(y.max()) + 1
+
+
+def _from_frame(data: config.Custom, frame, path: pathlib.Path) -> FederatedData:
+    import pandas as pd
+
+    file = f"{path} (columns: {_columns(frame)})"
+    for name in ("client_column", "label_column"):
+        column = getattr(data, name)
+        if column not in frame.columns:
+            raise _error(f"data.{name}", column, f"not a column of {file}")
+        if frame[column].isna().any():
+            raise _error(
+                f"data.{name}",
+                column,
+                f"{int(frame[column].isna().sum())} rows of {path} have no value; "
+                "expected a value in every row",
+            )
+    features = data.feature_columns
+    if features is not None:
+        unknown = [c for c in features if c not in frame.columns]
+        if unknown:
+            raise _error("data.feature_columns", features, f"{unknown} are not columns of {file}")
+        if data.label_column in features:
+            raise _error(
+                "data.feature_columns",
+                features,
+                f"holds the label column {data.label_column!r}; expected feature columns only",
+            )
+    chosen = features or [c for c in frame.columns if c not in (data.client_column, data.label_column)]
+    if not chosen:
+        raise _error("data.feature_columns", features, f"no feature columns left in {file}")
+    for c in chosen:
+        col = frame[c]
+        numeric = pd.api.types.is_bool_dtype(col) or pd.api.types.is_numeric_dtype(col)
+        if not numeric and not data.one_hot:
+            raise _error(
+                "data.one_hot",
+                data.one_hot,
+                f"feature column {c!r} of {path} is not numeric ({col.dtype}); "
+                "expected --set data.one_hot=True, or data.feature_columns without it",
+            )
+        if numeric and col.isna().any():
+            raise _error(
+                "data.feature_columns",
+                features,
+                f"feature column {c!r} of {path} has "
+                f"{int(col.isna().sum())} missing value(s); expected complete columns (impute or drop them)",
+            )
+    label = frame[data.label_column]
+    num_classes = None
+    if pd.api.types.is_numeric_dtype(label) or pd.api.types.is_bool_dtype(label):
+        num_classes = _class_ids(label.to_numpy(), "data.label_column", data.label_column, str(path))
+    try:
+        return custom.from_dataframe(
+            frame,
+            client_column=data.client_column,
+            label_column=data.label_column,
+            feature_columns=chosen,
+            num_classes=num_classes,
+            one_hot=data.one_hot,
+        )
+    except ValueError as e:
+        raise _error("data.path", data.path, str(e)) from None
+
+
+def _from_npz(data: config.Custom, path: pathlib.Path) -> FederatedData:
+    expected = "expected numpy.savez(FILE, x=..., y=..., client=...) without object arrays"
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            raise _error("data.path", data.path, f"not an .npz (zip) archive; {expected}")
+    try:
+        f = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:  # not a numpy file, or pickled objects
+        raise _error("data.path", data.path, f"cannot read the file as .npz ({e}); {expected}") from None
+    with f:
+        missing = [a for a in ("x", "y", "client") if a not in f.files]
+        if missing:
+            raise _error(
+                "data.path",
+                data.path,
+                f"lacks array(s) {missing} (arrays: {', '.join(f.files)}); "
+                "expected arrays x, y and client (one client id per example)",
+            )
+        try:
+            x, y, client = f["x"], f["y"], f["client"]
+        except ValueError as e:  # object arrays need pickle, which is refused
+            raise _error("data.path", data.path, f"cannot read the arrays ({e}); {expected}") from None
+    num_classes = _class_ids(y, "data.path", data.path, "array y")
+    if np.issubdtype(x.dtype, np.floating):  # float32 like every other loader (integer x stays)
+        x = x.astype(np.float32)
+    try:
+        return custom.from_arrays(x, y, client, num_classes=num_classes)
+    except ValueError as e:
+        raise _error("data.path", data.path, str(e)) from None
+
+
+def _custom(data: config.Custom) -> Prepared:
+    if not data.path:
+        raise config.ConfigError(
+            "data.path: missing (needed by data.name='custom'); expected --set data.path=FILE"
+        )
+    path = pathlib.Path(os.path.expanduser(data.path))
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".parquet", ".pq", ".npz"):
+        raise _error(
+            "data.path", data.path, "unknown file type; expected a .csv, .parquet (.pq) or .npz file"
+        )
+    if not path.is_file():
+        raise _error(
+            "data.path", data.path, f"file not found ({path.resolve()}); expected --set data.path=FILE"
+        )
+    population = (
+        _from_npz(data, path) if suffix == ".npz" else _from_frame(data, _read_frame(data, path), path)
+    )
+    train, test = split_rows(population, data.test_fraction, data.split_seed)
+    if data.standardize:  # statistics from sums of the training clients' sums
+        scaler = standardize.fit(train)
+        train, test = standardize.apply(train, scaler), standardize.apply(test, scaler)
+    return Prepared(train=train, test=test, central_test=None, num_classes=int(population.num_classes))

@@ -1,0 +1,737 @@
+"""The fljax trainer: one function runs any :class:`~fljax.experiment.config.Config`.
+
+:func:`run` trains the federated model (and, after it, the baselines) for each repeat and writes
+into its output folder: ``config.json``, ``run_info.json`` (command line, git revision, versions
+of python, jax and every dependency, platform and devices; a resumed run adds its own under
+``resumed``), ``metrics.jsonl`` (one strict-JSON object per round), the last 3 orbax
+checkpoints, ``summary.json`` (final metrics, privacy spent, per-client table), ``curves.png``
+and TensorBoard event files. ``experiments/run.py`` and notebooks call the same function.
+
+Results are never lost:
+
+- a run takes ``<out>/.lock`` (``flock``) before it writes anything, so a second run in the same
+  folder stops at once; the kernel releases the lock when a run ends, even by ``kill -9``;
+- a folder that holds results (``metrics.jsonl``, ``checkpoints``, ``summary.json``,
+  ``repeats``) is neither overwritten nor deleted unless ``overwrite=True``;
+- ``resume=True`` refuses (naming each differing key, old -> new) a config that differs from
+  the stored ``config.json``, except for the keys in :data:`RESUMABLE`. Anything under ``dp``
+  is never accepted: the privacy already spent was accounted with the stored config.
+
+Crash safety: each round's metrics line is written (one write, then fsync) before that round's
+checkpoint, and checkpoints are saved atomically by orbax's ``CheckpointManager``. After a
+``kill -9`` at any moment, resuming restores the newest readable checkpoint whose rounds all
+have complete metrics lines, drops a torn last line and any later rows and checkpoints, and
+recomputes them: metrics and state equal those of an uninterrupted run bit for bit (round keys
+are re-derived from the seed). A damaged latest checkpoint is reported in one ``fljax:
+warning:`` line on stderr and the previous one is used.
+
+Errors: a bad config or value raises :class:`~fljax.experiment.config.ConfigError` before
+anything is trained; a folder that cannot be used raises :class:`RunFolderError`. The command
+line prints either as one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import pathlib
+import shutil
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+
+from fljax import aggregators, checkpoint, client, evaluation, models, privacy, secagg
+from fljax import random as fl_random
+from fljax.algorithms import fedavg, fedavgm, fedopt, fedprox, fedsgd, scaffold
+from fljax.base import Performance
+from fljax.data import ClientStates, FederatedData, sampling
+from fljax.experiment import config as cfg
+from fljax.experiment import data as data_lib
+from fljax.experiment import outputs
+from fljax.experiment.config import Config
+
+
+class RunFolderError(ValueError):
+    """An output folder that cannot be used as asked (results without ``overwrite``/``resume``,
+    another run holding it, or a changed config on resume). One line; exit code 2."""
+
+
+# ----------------------------------------------------------------------------- model and algorithm
+
+
+def build_model(model: cfg.Model, num_classes: int):
+    """The flax module a :class:`~fljax.experiment.config.Model` names."""
+    name = model.name
+    if name == "lenet":
+        return models.LeNet(num_classes=num_classes)
+    if name == "mlp":
+        return models.MLP(hidden=model.hidden, num_classes=num_classes)
+    if name == "logistic":
+        return models.LogisticRegression(num_classes=num_classes)
+    if name == "mcmahan_cnn":
+        return models.McMahanCNN(num_classes=num_classes)
+    if name == "emnist_cnn":
+        return models.EMNISTCNN(num_classes=num_classes)
+    if name == "char_lstm":
+        return models.CharLSTM(vocab_size=num_classes, embed_dim=model.embed_dim, lstm_sizes=model.lstm_sizes)
+    raise cfg.bad("model.name", name, "expected one of the reference models")
+
+
+def build_optimizer(c: cfg.Client) -> optax.GradientTransformation:
+    """The clients' local optimizer."""
+    if c.optimizer == "adam":
+        return optax.adam(c.learning_rate)
+    return optax.sgd(c.learning_rate, momentum=c.momentum or None)
+
+
+def build_aggregator(config: Config, dp_config: privacy.DPConfig | None = None):
+    """The round's aggregator, or None for the algorithm's own (example-weighted mean for the
+    FedAvg family, uniform mean for SCAFFOLD). With both ``dp`` and ``secagg``, DP runs over the
+    secure sum (its weights are in [0, 1]: keep the secagg ``max_weight`` at 1, the default)."""
+    secure = secagg.secure_sum(config.secagg) if config.secagg is not None else None
+    if dp_config is not None:
+        return privacy.dp(dp_config, sum=secure)
+    if secure is not None:
+        return aggregators.mean(secure)
+    return {
+        None: lambda: None,
+        "weighted_mean": aggregators.weighted_mean,
+        "uniform_mean": aggregators.uniform_mean,
+        "median": aggregators.median,
+        "trimmed_mean": lambda: aggregators.trimmed_mean(config.trim_fraction),
+    }[config.aggregator]()
+
+
+def _local_options(c: cfg.Client) -> dict:
+    return dict(
+        batch_size=c.batch_size, num_epochs=c.num_epochs, weighting=c.weighting, max_steps=c.max_steps
+    )
+
+
+def _scaffold_client(config: Config, model):
+    return scaffold.scaffold_client(model, config.client.learning_rate, **_local_options(config.client))
+
+
+def build_client_states(config: Config, model, params, num_clients: int) -> ClientStates | None:
+    """The population's client states (host memory) for a stateful algorithm, else None."""
+    if config.server.algorithm != "scaffold":
+        return None
+    return ClientStates(_scaffold_client(config, model).init(params), num_clients)
+
+
+def build_algorithm(config: Config, model, dp_config: privacy.DPConfig | None = None, num_clients: int = 0):
+    """The :class:`~fljax.base.FederatedAlgorithm` of the config's client and server sections."""
+    c, s = config.client, config.server
+    agg = build_aggregator(config, dp_config)
+    perf = Performance(chunk_size=config.chunk_size)
+    name, lr = s.algorithm, s.learning_rate
+    if name == "fedsgd":
+        update = fedsgd.gradient_client(model, weighting=c.weighting)
+        return fedsgd.fedsgd(update, learning_rate=lr, aggregator=agg).with_performance(perf)
+    opt, options = build_optimizer(c), _local_options(c)
+    local = lambda: client.local_sgd(model, opt, **options)
+    if name == "fedprox":
+        update = fedprox.proximal_client(model, opt, mu=s.mu, **options)
+        algo = fedprox.fedprox(update, server_learning_rate=lr, aggregator=agg)
+    elif name == "fedavg":
+        algo = fedavg.fedavg(local(), server_learning_rate=lr, aggregator=agg)
+    elif name == "fedavgm":
+        algo = fedavgm.fedavgm(local(), server_learning_rate=lr, server_momentum=s.momentum, aggregator=agg)
+    elif name == "scaffold":
+        algo = scaffold.scaffold(
+            _scaffold_client(config, model),
+            population_size=num_clients,
+            server_learning_rate=lr,
+            aggregator=agg,
+        )
+    else:
+        fn = {"fedadam": fedopt.fedadam, "fedyogi": fedopt.fedyogi, "fedadagrad": fedopt.fedadagrad}[name]
+        algo = fn(local(), server_learning_rate=lr, tau=s.tau, aggregator=agg)
+    return algo.with_performance(perf)
+
+
+def sample_cohort(cohort: cfg.Cohort, key: jax.Array, num_clients: int):
+    """``(client ids, mask)`` of one round (without DP; DP samples as its accounting assumes)."""
+    if cohort.sampling == "uniform":
+        return sampling.uniform(key, num_clients, cohort.size)
+    if cohort.sampling == "poisson":
+        return sampling.poisson(key, num_clients, cohort.q, cohort.max_size)
+    return np.arange(num_clients, dtype=np.int32), np.ones(num_clients, bool)
+
+
+_ROUNDS: dict = {}
+
+
+def _compiled_round(config: Config, model, dp_config=None, num_clients: int = 0):
+    """One jitted round per (algorithm settings, model), shared by repeats and baselines."""
+    key = (
+        config.model,
+        config.client,
+        config.server,
+        config.aggregator,
+        config.trim_fraction,
+        config.chunk_size,
+        config.secagg,
+        dp_config,
+        num_clients,
+        repr(model),
+    )
+    if key not in _ROUNDS:
+        algo = build_algorithm(config, model, dp_config, num_clients)
+        _ROUNDS[key] = (algo, jax.jit(algo.update))
+    return _ROUNDS[key]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclasses.dataclass
+class Trained:
+    """What :func:`train` returns: the final server state, each round's record, the privacy spent."""
+
+    state: object
+    records: list[dict]
+    privacy: dict
+
+
+def train(
+    config: Config,
+    train_data: FederatedData,
+    model,
+    *,
+    eval_fn=None,
+    out_dir=None,
+    resume=False,
+    progress=True,
+    desc="federated",
+) -> Trained:
+    """Runs ``config.rounds`` rounds of federated training on ``train_data``.
+
+    With ``out_dir``, each round's record is appended to ``out_dir/metrics.jsonl`` (one write of
+    a whole line, then fsync) BEFORE that round's checkpoint is saved, so every checkpoint has
+    all its rounds' metrics on disk. ``resume=True`` continues from the newest readable
+    checkpoint whose rounds all have complete metrics lines: a torn last line, rows after that
+    round and newer checkpoints are dropped and recomputed, which gives the records and state
+    of an uninterrupted run bit for bit. Without ``resume``, an ``out_dir`` that already holds
+    metrics or checkpoints raises ``FileExistsError``: nothing is ever deleted here.
+    """
+    run_key = fl_random.run_key(config.seed)
+    params = models.init_params(model, train_data.x.shape[1:], fl_random.stream(run_key, "init"))
+    dp_config = cfg.dp_config(config, train_data.num_clients)
+    ledger = None
+    if dp_config is not None:
+        ledger = privacy.PrivacyLedger(dp_config, budget_epsilon=config.dp.budget_epsilon)
+    algo, update = _compiled_round(config, model, dp_config, train_data.num_clients)
+    state = algo.init(params)
+    states = build_client_states(config, model, params, train_data.num_clients)  # stateful clients, host
+    bundle = lambda: state if states is None else (state, states.tree)  # what a checkpoint holds
+    records, start = [], 0
+    ckpt_dir = None if out_dir is None else pathlib.Path(out_dir) / "checkpoints"
+    metrics_path = None if out_dir is None else pathlib.Path(out_dir) / "metrics.jsonl"
+    if out_dir is not None:
+        pathlib.Path(out_dir).mkdir(parents=True, exist_ok=True)
+        if resume:
+            start, restored, records = _resume(ckpt_dir, metrics_path, bundle(), ledger)
+            if states is None:
+                state = restored
+            else:
+                state, tree = restored
+                states.load(tree)
+        elif _results(pathlib.Path(out_dir), names=("metrics.jsonl", "checkpoints")):
+            raise FileExistsError(
+                f"{out_dir} holds metrics or checkpoints of an earlier run; pass resume=True"
+            )
+        else:
+            outputs.write_atomic(metrics_path, "")
+    # Pad to a multiple of 4 batches so that populations of similar sizes (other
+    # splits, other clients) share one compiled round; padding is a no-op.
+    multiple = 4 * config.client.batch_size
+    num_examples = -(-int(train_data.sizes.max()) // multiple) * multiple
+    rounds, every, ck_every = config.rounds, config.eval_every, config.checkpoint_every
+    bar = outputs.Progress(rounds, start, desc=desc, enabled=progress, every_line=out_dir is not None)
+    writer = outputs.tensorboard_writer(out_dir, start)
+    stopped, done, saved = None, start, start
+
+    def save():
+        extra = {"round": done, "epsilon": None if ledger is None else ledger.epsilon()}
+        with _crash_hook("save", done):
+            checkpoint.save(ckpt_dir, done, bundle(), extra)
+
+    for r in range(start, rounds):
+        t0 = time.perf_counter()
+        if ledger is not None and not ledger.can_run(1):
+            stopped = (
+                f"stopped before round {r + 1}: it would spend epsilon {ledger.epsilon(r + 1):.3f} > "
+                f"budget {ledger.budget_epsilon} (spent {ledger.epsilon():.3f} after {r} rounds)"
+            )
+            print(f"fljax: privacy budget reached, {stopped}", flush=True)
+            break
+        rkey = fl_random.round_key(run_key, r)
+        sample_key = fl_random.stream(rkey, "sample")
+        if dp_config is not None:  # sample exactly as the accounting assumes
+            ids, mask = privacy.sample_cohort(dp_config, sample_key)
+        else:
+            ids, mask = sample_cohort(config.cohort, sample_key, train_data.num_clients)
+        cohort = train_data.cohort(
+            ids, client_mask=mask, num_examples=num_examples, key=fl_random.stream(run_key, "data")
+        )
+        if states is not None:
+            cohort = states.attach(cohort)
+        state, m = update(state, cohort, rkey)
+        if states is not None:
+            state = states.scatter(cohort, state)
+        record = {"round": r + 1, **{k: float(v) for k, v in jax.device_get(m).items()}}
+        if ledger is not None:
+            record["epsilon"] = ledger.step(1)
+        record["round_sec"] = time.perf_counter() - t0
+        if eval_fn is not None and ((r + 1) % every == 0 or r + 1 == rounds):
+            record.update(eval_fn(state.params))
+        records.append(record)
+        done = r + 1
+        if metrics_path is not None:
+            outputs.append_line(
+                metrics_path, outputs.dumps(record) + "\n", crash=_crash_point("metrics", done)
+            )
+        outputs.tensorboard_scalars(writer, record)
+        if ckpt_dir is not None and ck_every and (done % ck_every == 0 or done == rounds):
+            save()
+            saved = done
+        bar.update(record)
+    bar.close()
+    if writer is not None:
+        writer.close()
+    if ckpt_dir is not None and ck_every and saved != done:  # stopped by the privacy budget
+        save()
+    spent = {"epsilon": float("inf"), "note": "no differential privacy configured"}
+    if ledger is not None:
+        spent = ledger.summary() | {"stopped": stopped}
+    return Trained(state, records, spent)
+
+
+def _resume(ckpt_dir: pathlib.Path, metrics_path: pathlib.Path, state, ledger):
+    """(start round, state, records) to continue a run from; tidies its folder to match.
+
+    The start is the newest readable checkpoint whose rounds all have a complete metrics line;
+    an unreadable newer checkpoint is reported in one line on stderr and skipped. Metrics lines
+    and checkpoints after the start are removed (they are recomputed identically), so a kill
+    at any point in here leaves a folder that resumes the same way.
+    """
+    rows, dropped = _read_metrics(metrics_path)
+    found = checkpoint.restore_latest(
+        ckpt_dir, state, max_step=len(rows), on_unreadable=lambda msg: _note(f"warning: {msg}")
+    )
+    start, extra = 0, {}
+    if found is not None:
+        start, state, extra = found
+    if ledger is not None:
+        spent = extra.get("epsilon")
+        if spent is not None and not np.isclose(spent, ledger.epsilon(start), rtol=1e-9, atol=0):
+            raise RunFolderError(
+                f"checkpoint round {start} recorded epsilon {spent} but this DP config gives "
+                f"{ledger.epsilon(start)} after {start} rounds: the DP config changed; start a new run"
+            )
+        if start:
+            ledger.step(start)
+    # Rows first: once they end at ``start``, a kill while deleting never makes later
+    # checkpoints candidates again.
+    outputs.write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows[:start]))
+    later = checkpoint.delete_after(ckpt_dir, start)
+    if start or rows or later or dropped:
+        redo = sorted({*range(start + 1, len(rows) + 1), *later})
+        _note(
+            f"resuming after round {start}"
+            + (f"; recomputing rounds {_ranges(redo)}" if redo else "")
+            + (
+                f"; dropped {dropped} torn or unreadable metrics line(s) after round {len(rows)}"
+                if dropped
+                else ""
+            )
+        )
+    return start, state, rows[:start]
+
+
+def _read_metrics(path: pathlib.Path) -> tuple[list[dict], int]:
+    """The complete leading rows of ``metrics.jsonl`` (rounds 1, 2, ...) and how many lines follow
+    them: a torn or unreadable line ends the rows."""
+    if not path.exists():
+        return [], 0
+    pieces = path.read_bytes().split(b"\n")
+    complete, last = pieces[:-1], pieces[-1]  # a last piece without "\n" is torn
+    rows = []
+    for line in complete:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            break
+        if not isinstance(row, dict) or row.get("round") != len(rows) + 1:
+            break
+        rows.append(row)
+    return rows, len(complete) - len(rows) + bool(last)
+
+
+def _ranges(values: list[int]) -> str:
+    if len(values) > 2 and values == list(range(values[0], values[-1] + 1)):
+        return f"{values[0]}-{values[-1]}"
+    return ", ".join(map(str, values))
+
+
+def _note(message: str) -> None:
+    print(f"fljax: {message}", file=sys.stderr, flush=True)
+
+
+# Test hook, for tests/experiment/test_crash.py only: FLJAX_TEST_CRASH="metrics:3" makes the
+# trainer kill itself with SIGKILL half-way through writing round 3's metrics line, and
+# FLJAX_TEST_CRASH="save:4" inside round 4's checkpoint save (all data written to orbax's
+# temporary folder, before it is committed). Unset, it does nothing.
+CRASH_ENV = "FLJAX_TEST_CRASH"
+
+
+def _crash_point(where: str, round_: int) -> bool:
+    return os.environ.get(CRASH_ENV) == f"{where}:{round_}"
+
+
+@contextlib.contextmanager
+def _crash_hook(where: str, round_: int):
+    if not _crash_point(where, round_):
+        yield
+        return
+    from orbax.checkpoint.path import atomicity
+
+    def finalize(self):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    original = atomicity.AtomicRenameTemporaryPath.finalize
+    atomicity.AtomicRenameTemporaryPath.finalize = finalize
+    try:
+        yield
+    finally:
+        atomicity.AtomicRenameTemporaryPath.finalize = original
+    raise RuntimeError(f"{CRASH_ENV}={where}:{round_} did not kill the process (orbax changed?)")
+
+
+# ----------------------------------------------------------------------------- one run, repeats
+
+
+def _eval_fn(config: Config, model, prepared: data_lib.Prepared):
+    metrics = config.metrics
+
+    def eval_fn(params):
+        res = {}
+        if prepared.central_test is not None:
+            ev = evaluation.evaluate(model, params, *prepared.central_test, metrics=metrics)
+            res.update({f"test_{k}": v for k, v in ev.items()})
+        if prepared.test is not None:
+            fe = evaluation.federated_evaluate(model, params, prepared.test, metrics=metrics)
+            res.update({f"fed_{k}": v for k, v in fe.items() if not k.startswith("per_client_loss")})
+        return res
+
+    return eval_fn
+
+
+def run_once(
+    config: Config,
+    out: pathlib.Path,
+    *,
+    resume=False,
+    progress=True,
+    verbose=True,
+    data: data_lib.Prepared | None = None,
+) -> dict:
+    """One federated run (and its baselines) for one seed; writes metrics and checkpoints to ``out``."""
+    if data is None:
+        seed = config.data.seed if getattr(config.data, "seed", None) is not None else config.seed
+        data = data_lib.load(config.data, fl_random.stream(fl_random.run_key(seed), "data"))
+    cfg.validate(config, data.train.num_clients)
+    train_data = data.train
+    model = build_model(config.model, data.num_classes)
+    names = list(train_data.client_names or [f"client {i}" for i in range(train_data.num_clients)])
+    if verbose:
+        print(
+            f"fljax: {config.name}: {train_data.num_clients} clients, {len(train_data.y)} training "
+            f"examples, {config.rounds} rounds -> {out}",
+            flush=True,
+        )
+    eval_fn = _eval_fn(config, model, data)
+    trained = train(config, train_data, model, eval_fn=eval_fn, out_dir=out, resume=resume, progress=progress)
+    records = trained.records
+    summary = {
+        "name": config.name,
+        "rounds": config.rounds,
+        "final": records[-1] if records else {},
+        "privacy": trained.privacy | {"secure_aggregation": config.secagg is not None},
+    }
+    if data.report is not None:
+        summary["partition"] = data.report
+    table = None
+    if config.baselines:
+        table = _baselines(config, data, model, names, records, progress)
+    outputs.write_atomic(
+        out / "summary.json", outputs.dumps(summary | {"per_client_test_accuracy": table}, indent=1)
+    )
+    return {"summary": summary, "records": records, "table": table}
+
+
+def _without_privacy(config: Config, population: int) -> Config:
+    """The same federation without DP or secure aggregation, its cohorts sampled as the DP run's
+    (Poisson with ``q = cohort_size / population``, or uniform of ``cohort_size``)."""
+    cohort = config.cohort
+    dp = cfg.dp_config(config, population)
+    if dp is not None and dp.sampling == "poisson":
+        q = dp.cohort_size / dp.population_size
+        cohort = cfg.Cohort() if q >= 1 else cfg.Cohort(sampling="poisson", q=q, max_size=None)
+    elif dp is not None:
+        cohort = cfg.Cohort(sampling="uniform", size=dp.cohort_size)
+    return dataclasses.replace(config, cohort=cohort, dp=None, secagg=None)
+
+
+def _baselines(config: Config, data: data_lib.Prepared, model, names, records, progress) -> dict:
+    """Each client's held-out accuracy (central test accuracy without per-client test data)
+    under the federated model and under each baseline. Baselines are non-private: they show
+    what a client gives up or gains by federating."""
+    train_data, test_data = data.train, data.test
+    alone = dataclasses.replace(config, cohort=cfg.Cohort(), dp=None, secagg=None)
+
+    def scores(params, population_test):
+        if population_test is not None:
+            return evaluation.federated_evaluate(model, params, population_test)["per_client_accuracy"]
+        return [evaluation.evaluate(model, params, *data.central_test)["accuracy"]]
+
+    if test_data is not None:
+        table = {"client": names, "test_sizes": test_data.sizes.tolist()}
+        table["federated"] = records[-1]["fed_per_client_accuracy"]
+    else:  # a central test set: one row, "all clients"
+        table = {"client": ["central test"], "test_sizes": [len(data.central_test[1])]}
+        table["federated"] = [records[-1]["test_accuracy"]]
+    if "local" in config.baselines:
+        table["local"] = []
+        for c in range(train_data.num_clients):
+            test_c = test_data.subset([c]) if test_data is not None else None
+            trained = train(
+                alone,
+                train_data.subset([c]),
+                model,
+                eval_fn=lambda p, t=test_c: {"acc": scores(p, t)},
+                progress=progress,
+                desc=f"alone: {names[c]}",
+            )
+            accs = trained.records[-1]["acc"]
+            table["local"].append(accs[0])
+        if test_data is None:  # one number: the mean over clients of each one's own model
+            table["local"] = [float(np.mean(table["local"]))]
+    others = {  # the same federation without DP or secure aggregation; everyone's data in one place
+        "nonprivate": (lambda: train_data, "federated, not private"),
+        "pooled": (
+            lambda: FederatedData.from_clients([train_data.pooled()], num_classes=train_data.num_classes),
+            "pooled data",
+        ),
+    }
+    for col, (population, desc) in others.items():
+        if col in config.baselines:
+            trained = train(
+                alone if col == "pooled" else _without_privacy(config, train_data.num_clients),
+                population(),
+                model,
+                eval_fn=lambda p: {"per": scores(p, test_data)},
+                progress=progress,
+                desc=desc,
+            )
+            table[col] = trained.records[-1]["per"]
+    return table
+
+
+# What a run folder holds that must never be lost without overwrite.
+RESULTS = ("metrics.jsonl", "checkpoints", "summary.json", "repeats")
+# Everything a run writes, deleted by overwrite (never the folder itself, which may hold more).
+OUTPUTS = (*RESULTS, "config.json", "run_info.json", "curves.png", "tensorboard")
+
+# Config keys that a resumed run may change, and why each is harmless. Any other difference is
+# refused, always one under "dp": the privacy already spent was accounted with the stored config.
+RESUMABLE = {
+    "rounds": "may grow to extend a run: the rounds already run are the same (never shrink)",
+    "eval_every": "changes what is measured, not what is trained",
+    "checkpoint_every": "changes when the state is saved, not what is computed",
+    "baselines": "baselines are trained from scratch after the federated run, never resumed",
+    "repeats": "each repeat is a run of its own in <out>/repeats/<i>, resumed or started alone",
+    "metrics": "changes what is measured, not what is trained",
+}
+
+
+def run(
+    config: Config,
+    out: str | os.PathLike,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    data: data_lib.Prepared | None = None,
+) -> dict:
+    """Run an experiment (all its repeats and baselines) into folder ``out``; returns the summary.
+
+    Args:
+      config: the experiment.
+      out: output folder (created). It must not hold results unless ``resume`` or ``overwrite``.
+      resume: continue the run in ``out`` from its newest readable checkpoint (the config must
+        match the stored one except for :data:`RESUMABLE` keys).
+      overwrite: delete what an earlier run wrote in ``out`` first.
+      progress: a tqdm bar on a terminal, plain lines otherwise; False: quiet.
+      data: a prepared population to use instead of loading ``config.data`` (e.g. a user's own
+        :class:`~fljax.data.FederatedData` wrapped in :class:`~fljax.experiment.data.Prepared`).
+
+    Raises:
+      ConfigError: a bad config (before anything is loaded or trained).
+      RunFolderError: ``out`` holds results, is in use, or holds a run with another config.
+    """
+    if resume and overwrite:
+        raise RunFolderError("resume and overwrite exclude each other")
+    cfg.validate(config)
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out)
+    try:
+        previous = _check_out(out, config, resume=resume, overwrite=overwrite)
+        if overwrite:
+            _clear(out)
+        info = outputs.run_info()
+        if resume and previous is not None:  # keep the first run's facts, add this one's
+            info = previous | {"resumed": [*previous.get("resumed", []), info]}
+        outputs.write_atomic(out / "config.json", outputs.dumps(cfg.to_dict(config), indent=1))
+        outputs.write_atomic(out / "run_info.json", outputs.dumps(info, indent=1))
+        return _run_repeats(config, out, resume=resume, progress=progress, data=data)
+    finally:
+        os.close(lock)  # releases the lock
+
+
+def _results(out: pathlib.Path, names=RESULTS) -> list[str]:
+    """The names in ``names`` under ``out`` that hold something (an empty file or folder does not)."""
+    found = []
+    for name in names:
+        p = out / name
+        if (p.is_file() and p.stat().st_size) or (p.is_dir() and any(p.iterdir())):
+            found.append(name)
+    return found
+
+
+def _lock(out: pathlib.Path) -> int:
+    """Take ``out/.lock`` (``flock``, released by the kernel when the process ends, even on kill -9)."""
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise RunFolderError(f"another run (pid {holder}) is writing to {out}; use another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _check_out(out: pathlib.Path, config: Config, *, resume: bool, overwrite: bool) -> dict | None:
+    """Refuse to destroy results or to resume with another config; returns the stored run_info."""
+    found = _results(out)
+    if found and not (resume or overwrite):
+        raise RunFolderError(
+            f"{out} holds results of an earlier run ({', '.join(found)}); "
+            "use --resume to continue it, --overwrite to replace it, or another --out"
+        )
+    if not resume:
+        return None
+    stored = out / "config.json"
+    if not stored.exists():
+        if found:
+            raise RunFolderError(f"cannot --resume: {out} has results but no config.json")
+        return None
+    old = json.loads(stored.read_text())
+    new = json.loads(outputs.dumps(cfg.to_dict(config)))  # as config.json stores it
+    refused = []
+    for key, a, b in _config_diff(old, new):
+        shrinks = key == "rounds" and not (isinstance(a, int) and isinstance(b, int) and b >= a)
+        if key in RESUMABLE and not shrinks:
+            continue
+        refused.append(f"{key}: {a!r} -> {b!r}")
+    if refused:
+        raise RunFolderError(
+            f"--resume with a config that differs from {stored}: {'; '.join(refused)} "
+            f"(only {', '.join(RESUMABLE)} may change, rounds only up; use another --out for a new run)"
+        )
+    info = out / "run_info.json"
+    return json.loads(info.read_text()) if info.exists() else None
+
+
+def _config_diff(old, new, prefix=""):
+    """``(dotted key, old, new)`` for each difference between two configs; a missing key is None."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new)):
+            yield from _config_diff(old.get(k), new.get(k), f"{prefix}{k}.")
+    elif old != new:
+        yield prefix[:-1], old, new
+
+
+def _clear(out: pathlib.Path) -> None:
+    """overwrite: delete what an earlier run wrote in ``out`` (and only that)."""
+    for name in OUTPUTS:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def repeat_config(config: Config, i: int) -> Config:
+    """Repeat ``i`` of an experiment: seeds (the run's and the data split's) advanced by ``i``."""
+    data = config.data
+    if hasattr(data, "split_seed"):
+        data = dataclasses.replace(data, split_seed=data.split_seed + i)
+    if getattr(data, "seed", None) is not None:
+        data = dataclasses.replace(data, seed=data.seed + i)
+    return dataclasses.replace(config, seed=config.seed + i, data=data)
+
+
+def _run_repeats(config: Config, out: pathlib.Path, *, resume: bool, progress: bool, data) -> dict:
+    t_start = time.perf_counter()
+    tables, summary, runs, records = [], None, [], []
+    for i in range(config.repeats):
+        run_out = out if i == 0 else out / "repeats" / str(i)
+        run_out.mkdir(parents=True, exist_ok=True)
+        if config.repeats > 1:
+            print(f"repeat {i + 1}/{config.repeats} (seed {config.seed + i})", flush=True)
+        result = run_once(
+            repeat_config(config, i), run_out, resume=resume, progress=progress, verbose=(i == 0), data=data
+        )
+        if summary is None:
+            summary, records = result["summary"], result["records"]
+        runs.append(result["records"])
+        if result["table"] is not None:
+            tables.append(result["table"])
+    table = None
+    if tables:
+        table = {"client": tables[0]["client"], "test_sizes": tables[0]["test_sizes"]}
+        for col in outputs.COLUMNS:
+            if col in tables[0]:
+                vals = np.array([t[col] for t in tables], dtype=np.float64)
+                table[col] = vals.mean(axis=0).tolist()
+                table[f"{col}_std"] = vals.std(axis=0).tolist()
+                table[f"{col}_weighted_all"] = [
+                    float(np.nansum(np.multiply(t["test_sizes"], t[col])) / np.sum(t["test_sizes"]))
+                    for t in tables
+                ]
+        table["repeats"] = config.repeats
+        summary["per_client_test_accuracy"] = table
+        outputs.print_table(table)
+    summary["wall_sec"] = time.perf_counter() - t_start
+    outputs.write_atomic(out / "summary.json", outputs.dumps(summary, indent=1))
+    outputs.plot(runs, table, out / "curves.png", config.name)
+    final = records[-1] if records else {}
+    shown = {
+        k: round(final[k], 4)
+        for k in ("test_accuracy", "fed_mean_accuracy", "fed_weighted_accuracy")
+        if k in final
+    }
+    print(f"done in {summary['wall_sec']:.1f}s: {shown}; metrics, summary and plot in {out}", flush=True)
+    return summary
