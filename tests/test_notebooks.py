@@ -1,4 +1,5 @@
-"""The notebooks run: their code cells are executed in order, outside a kernel."""
+"""The notebooks run: their code cells are executed in order, outside a kernel, without the
+repository's ``experiments/`` folder on the path (a notebook needs only the installed library)."""
 
 import json
 import pathlib
@@ -12,7 +13,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def test_notebook_code_cells_run(path, monkeypatch):
     nb = json.loads(path.read_text())
     monkeypatch.chdir(REPO)
-    monkeypatch.syspath_prepend(str(REPO / "experiments"))
     scope: dict = {}
     for cell in nb["cells"]:
         if cell["cell_type"] == "code":
