@@ -22,9 +22,18 @@ if TYPE_CHECKING:
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
+def _per_example(values: jax.Array) -> jax.Array:
+    """``[batch, ...]`` values (e.g. one per position of a sequence) as their mean per example."""
+    return values if values.ndim <= 1 else values.reshape(values.shape[0], -1).mean(axis=-1)
+
+
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Cross-entropy of integer labels under ``softmax(logits)``, per example."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32))
+    """Cross-entropy of integer labels under ``softmax(logits)``, per example.
+
+    Labels with more axes than the batch (``labels[batch, time]`` of a sequence model, logits
+    ``[batch, time, classes]``) give each example the mean over its positions.
+    """
+    return _per_example(optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32)))
 
 
 def sigmoid_binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -34,12 +43,13 @@ def sigmoid_binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Ar
 
 
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Per-example 0/1 correctness (argmax for multi-class, sign for one logit)."""
+    """Per-example 0/1 correctness (argmax for multi-class, sign for one logit); for labels with
+    positions (``[batch, time]``) the share of correct positions of each example."""
     if logits.ndim == labels.ndim or logits.shape[-1] == 1:
         pred = (logits.reshape(labels.shape) > 0).astype(jnp.int32)
     else:
         pred = jnp.argmax(logits, axis=-1)
-    return (pred == labels.astype(jnp.int32)).astype(jnp.float32)
+    return _per_example((pred == labels.astype(jnp.int32)).astype(jnp.float32))
 
 
 # --- class weighting for imbalanced tasks, from federated label counts -----------------------------
