@@ -10,8 +10,11 @@ momentum (batch 64), 20 rounds; baselines: each client alone and pooled data. 24
 earn > 50K, so accuracy alone hides a majority-class model: ROC AUC and balanced accuracy are
 reported per client and pooled (``metrics``).
 
-Hardware and runtime: MEASURED_RUNTIME
-Measured result: MEASURED_RESULT
+Hardware and runtime: 2 CPU cores (shared), jax 0.10.2: 126 s with the baselines.
+Measured result (one run, seed 0): federated held-out accuracy 0.856 over all 16,281 test
+people (alone 0.854, pooled 0.856); pooled ROC AUC 0.910, mean over the 5 clients 0.929;
+balanced accuracy pooled 0.781. The two smallest groups gain most from federating
+(Amer-Indian-Eskimo 0.881 alone -> 0.925, Other 0.822 -> 0.896).
 """
 
 from fljax.experiment import Client, Config, Model, Server, Tabular

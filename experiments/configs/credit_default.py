@@ -10,8 +10,12 @@ set; a logistic-regression-sized MLP (32 hidden units), FedAvg with every group 
 pooled data. 22% of holders default: ROC AUC, average precision and balanced accuracy are
 reported per group and pooled.
 
-Hardware and runtime: MEASURED_RUNTIME
-Measured result: MEASURED_RESULT
+Hardware and runtime: 2 CPU cores (shared), jax 0.10.2: 109 s with the baselines.
+Measured result (one run, seed 0): federated held-out accuracy 0.819 over all 7,500 test
+holders (alone 0.815, pooled 0.815); pooled ROC AUC 0.775 (mean over the 4 groups 0.709),
+average precision and per-group values in summary.json; balanced accuracy pooled 0.652: a
+22%-default task where accuracy alone flatters the model. The small "other" group loses by
+federating (0.957 alone -> 0.923).
 """
 
 from fljax.experiment import Client, Config, Model, Server, Tabular
