@@ -156,7 +156,7 @@ def main():
             rounds=len(measured),
             num_buckets=len(plan.lengths),
             slots=slots,
-            train_loss=round(float(metrics["client_train_loss"]), 4),
+            train_loss=round(float(metrics["client_train_loss_weighted_mean"]), 4),
         )
 
     # The whole population in ONE jitted round: same cohort every round, so one compile.
@@ -192,7 +192,7 @@ def main():
         rounds=len(times),
         num_buckets=len(merged),
         slots=slots,
-        train_loss=round(float(metrics["client_train_loss"]), 4),
+        train_loss=round(float(metrics["client_train_loss_weighted_mean"]), 4),
     )
 
 

@@ -258,11 +258,20 @@ def check_cohort(cohort: Cohort) -> None:
 
 
 def client_metrics(out: ClientOutput) -> dict:
-    """Client metrics averaged over participating clients, weighted by the clients' weights."""
+    """Client metrics averaged over participating clients, weighted by the clients' weights.
+
+    Each metric ``k`` of the clients becomes ``client_{k}_weighted_mean``: the mean over the
+    participating clients weighted by their aggregation weights (the example counts under
+    ``weighting="num_examples"``, so ``client_train_loss_weighted_mean`` is then the mean over
+    examples; 1 each under uniform weighting).
+    """
     present = out.weight > 0
     w = jnp.where(present, out.weight, 0.0)
     wsum = jnp.maximum(jnp.sum(w), 1e-12)
-    return {f"client_{k}": jnp.sum(jnp.where(present, v, 0.0) * w) / wsum for k, v in out.metrics.items()}
+    return {
+        f"client_{k}_weighted_mean": jnp.sum(jnp.where(present, v, 0.0) * w) / wsum
+        for k, v in out.metrics.items()
+    }
 
 
 def server_step(state: ServerState, delta: Params, server_optimizer, aggregator_state, metrics):
@@ -387,7 +396,7 @@ def averaging_algorithm(
         wsum = m["total_weight"]
         denom = jnp.where(wsum > 0, wsum, 1.0)
         delta = jax.tree.map(lambda s: s / denom.astype(s.dtype), delta_sum)
-        metrics = {f"client_{k}": v / denom for k, v in metric_sums.items()} | m
+        metrics = {f"client_{k}_weighted_mean": v / denom for k, v in metric_sums.items()} | m
         return server_step(state, delta, server_optimizer, state.aggregator_state, metrics)
 
     @jax.jit

@@ -19,4 +19,4 @@ def test_readme_api_example_runs():
         scope[f"y{i}"] = rng.integers(0, 10, n).astype(np.int32)
     exec(compile(code.replace("range(50)", "range(2)"), "README.md", "exec"), scope)
     assert int(scope["state"].round) == 2
-    assert np.isfinite(float(scope["metrics"]["client_train_loss"]))
+    assert np.isfinite(float(scope["metrics"]["client_train_loss_weighted_mean"]))

@@ -164,5 +164,5 @@ def test_fedavg_learns_separable_task():
     losses = []
     for r in range(15):
         state, m = update(state, pop.cohort(np.arange(6)), random.round_key(jax.random.key(0), r))
-        losses.append(float(m["client_train_loss"]))
+        losses.append(float(m["client_train_loss_weighted_mean"]))
     assert losses[-1] < 0.5 * losses[0]

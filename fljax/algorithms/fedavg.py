@@ -50,7 +50,7 @@ def fedavg(
       >>> algo = fedavg.fedavg(client.local_sgd(model, optax.sgd(0.1), batch_size=3))
       >>> state = algo.init(models.init_params(model, (4,), jax.random.key(0)))
       >>> state, metrics = jax.jit(algo.update)(state, data.cohort([0, 1]), jax.random.key(1))
-      >>> int(state.round), bool(np.isfinite(metrics["client_train_loss"]))
+      >>> int(state.round), bool(np.isfinite(metrics["client_train_loss_weighted_mean"]))
       (1, True)
     """
     return simulation.averaging_algorithm(

@@ -2,9 +2,10 @@
 
 A notebook or script runs an experiment exactly as ``experiments/run.py`` does::
 
-  from fljax import experiment
-  config = experiment.Config(name="hearts", model=experiment.Model(hidden=(32,)), rounds=30)
-  summary = experiment.run(config, "runs/hearts")
+    from fljax import experiment
+
+    config = experiment.Config(name="hearts", model=experiment.Model(hidden=(32,)), rounds=30)
+    summary = experiment.run(config, "runs/hearts")
 
 See :mod:`fljax.experiment.config` for the config types and :mod:`fljax.experiment.trainer` for
 what a run writes and how it survives crashes.

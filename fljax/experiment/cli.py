@@ -1,9 +1,9 @@
-"""The trainer's command line (``experiments/run.py`` is a thin wrapper around :func:`main`).
+"""The trainer's command line (experiments/run.py is a thin wrapper around main()).
 
 Usage::
 
-  python experiments/run.py --config heart_disease [--set a.b=value ...] [--out DIR]
-                            [--resume | --overwrite] [--no-progress]
+    python experiments/run.py --config heart_disease [--set a.b=value ...] [--out DIR]
+                              [--resume | --overwrite] [--no-progress]
 
 ``--config`` is a config name (a file of ``experiments/configs/``) or a path to a Python file
 defining ``get_config() -> fljax.experiment.Config``. ``--set`` overrides are type-checked

@@ -10,7 +10,7 @@ the editor see every field, the config is hashable (a jitted round is cached per
 and no extra dependency is needed. Command-line overrides go through :func:`override`, which
 checks the type and range of the new value and names the key in its error.
 
-Example:
+Examples:
   >>> cfg = Config(name="demo", model=Model(name="mlp", hidden=(32,)), rounds=3)
   >>> override(cfg, "client.learning_rate=1").client.learning_rate
   1.0
@@ -279,7 +279,16 @@ def _dp_type() -> type:
 
 
 DP = _dp_type()
+"""The ``dp`` section (client-level DP), a frozen dataclass built from
+:class:`fljax.privacy.DPConfig`: its fields (``clip_norm`` and ``noise_multiplier`` required,
+``sampling``, ``delta``, ``weighting``, ``clip_scheme``, ...), with ``population_size`` and
+``cohort_size`` optional (default: the data's population and the cohort's size), plus
+``budget_epsilon``: the run stops before a round would spend more. The trainer builds the
+mechanism and its accounting from this one section."""
+
 SecAgg = secagg.SecAggConfig
+"""The ``secagg`` section: :class:`fljax.secagg.SecAggConfig` (fixed-point encoding and pairwise
+masking, simulated inside the jitted round); with ``dp``, DP runs over the secure sum."""
 
 BASELINES = ("local", "nonprivate", "pooled")
 AGGREGATORS = ("weighted_mean", "uniform_mean", "median", "trimmed_mean")
@@ -477,7 +486,7 @@ def _construct(cls: type, kwargs: dict, key: str):
 def from_dict(cls: type, values: dict, prefix: str = ""):
     """An instance of section type ``cls`` from a dict: every key checked, the rest defaults.
 
-    Example:
+    Examples:
       >>> from_dict(Client, {"learning_rate": 1}).learning_rate
       1.0
     """
@@ -506,7 +515,7 @@ def from_dict(cls: type, values: dict, prefix: str = ""):
 def to_dict(config) -> dict:
     """The config as nested plain dicts (for ``config.json``; ``from_dict(Config, d)`` inverts it).
 
-    Example:
+    Examples:
       >>> to_dict(Config(name="x"))["data"]["name"]
       'heart_disease'
     """

@@ -4,17 +4,14 @@
 per-client held-out population aligned with it (same clients, same order) or a central test set,
 the number of classes and, when a partitioner split central data, its :func:`partition.report`.
 
-=====================  ==========================================  =================================
-section                clients                                     held out
-=====================  ==========================================  =================================
-``HeartDisease``       4 hospitals (shipped)                       each hospital's own patients
-``Images``             ``num_clients`` from a partitioner           the central test split
-``FEMNIST``            writers (first ``max_clients``)              the central test split
-``Shakespeare``        speaking roles (first ``max_clients``)       the pooled test split
-``Tabular``            one per value of ``client_column``           adult: ``adult.test`` by client;
-                                                                   credit: each client's own rows
-``Custom``             one per value of ``client_column``           each client's own rows
-=====================  ==========================================  =================================
+| section | clients | held out |
+| --- | --- | --- |
+| ``HeartDisease`` | 4 hospitals (shipped) | each hospital's own patients |
+| ``Images`` | ``num_clients`` from a partitioner | the central test split |
+| ``FEMNIST`` | writers (first ``max_clients``) | the central test split |
+| ``Shakespeare`` | speaking roles (first ``max_clients``) | the pooled test split |
+| ``Tabular`` | one per value of ``client_column`` | adult: ``adult.test`` by client; credit: each client's own rows |
+| ``Custom`` | one per value of ``client_column`` | each client's own rows |
 
 A per-client row split (:func:`split_rows`) holds out ``round(test_fraction * n)`` of each
 client's ``n`` rows, drawn from ``split_seed``, and always leaves a client at least one training
@@ -32,7 +29,7 @@ Errors: a missing file, an unknown column or unusable values raise
 how to fix it``. Only the errors a loader is expected to raise for bad input
 (``FileNotFoundError``, ``ValueError``) are reworded; anything else propagates.
 
-Example:
+Examples:
   >>> import jax
   >>> from fljax.experiment import config
   >>> d = load(config.HeartDisease(), jax.random.key(0))
@@ -173,7 +170,7 @@ def split_rows(
     Returns:
       ``(train, test)``.
 
-    Example:
+    Examples:
       >>> d = FederatedData.from_clients([(np.zeros((8, 1)), np.zeros(8)), (np.zeros((1, 1)), np.zeros(1))])
       >>> train, test = split_rows(d, 0.25, seed=0)
       >>> train.sizes.tolist(), test.sizes.tolist()

@@ -150,7 +150,7 @@ def plot(runs: list[list[dict]], table: dict | None, path: pathlib.Path, title: 
         return True
 
     ax = ax_of["loss"]
-    draw(ax, "client_train_loss", "client train loss", "tab:gray")
+    draw(ax, "client_train_loss_weighted_mean", "client train loss", "tab:gray")
     ax.set(xlabel="round", ylabel="client train loss", title=f"{title}: training loss ({band})")
     ax = ax_of["accuracy"]
     drawn = [
@@ -272,12 +272,12 @@ def dependency_versions() -> dict:
 class Progress:
     """Progress of one training: tqdm when stderr is a terminal, else plain lines on stderr.
 
-    The plain line, e.g. ``federated: round 10/30: client_train_loss=0.512 fed_mean_accuracy=0.810
+    The plain line, e.g. ``federated: round 10/30: client_train_loss_weighted_mean=0.512 fed_mean_accuracy=0.810
     (1.2 s/round)``, comes every ``max(1, rounds // 10)`` rounds and after the last round of a
     run that writes a folder; a training without a folder (a baseline) prints only its last line.
     """
 
-    SHOWN = ("client_train_loss", "test_accuracy", "fed_mean_accuracy", "epsilon")
+    SHOWN = ("client_train_loss_weighted_mean", "test_accuracy", "fed_mean_accuracy", "epsilon")
 
     def __init__(self, rounds: int, start: int, *, desc: str, enabled: bool, every_line: bool):
         self.rounds, self.start, self.desc, self.enabled = rounds, start, desc, enabled
@@ -342,18 +342,21 @@ def tensorboard_writer(out_dir, start: int):
 
 
 def tensorboard_scalars(writer, record: dict) -> None:
-    """Every number of a round record as a scalar at step ``round``; a list ``k`` as ``k/<i>``."""
+    """Every finite number of a round record as a scalar at step ``round``; a list ``k`` as
+    ``k/<i>``. Non-finite values (the infinite epsilon of a run without noise, a NaN loss) are
+    left out: TensorBoard cannot draw them, and metrics.jsonl keeps them with their flag."""
     if writer is None:
         return
     step = int(record["round"])
     for k, v in restore(record).items():
         if k == "round" or isinstance(v, bool):
             continue
-        if isinstance(v, int | float):
+        if isinstance(v, int | float) and np.isfinite(v):
             writer.add_scalar(k, float(v), step)
         elif isinstance(v, list) and all(isinstance(x, int | float) for x in v):
             for i, x in enumerate(v):
-                writer.add_scalar(f"{k}/{i}", float(x), step)
+                if np.isfinite(x):
+                    writer.add_scalar(f"{k}/{i}", float(x), step)
 
 
 def curve(runs: list[list[dict]], key: str):

@@ -561,6 +561,8 @@ RESUMABLE = {
     "repeats": "each repeat is a run of its own in <out>/repeats/<i>, resumed or started alone",
     "metrics": "changes what is measured, not what is trained",
 }
+"""Config keys a resumed run may change (key -> why it is harmless); any other difference,
+always one under ``dp``, is refused."""
 
 
 def run(

@@ -73,7 +73,9 @@ def test_bucketed_round_equals_padded_round():
 def _check(state, metrics, ref_state, ref_metrics):
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(metrics["client_train_loss"], ref_metrics["client_train_loss"], rtol=1e-5)
+    np.testing.assert_allclose(
+        metrics["client_train_loss_weighted_mean"], ref_metrics["client_train_loss_weighted_mean"], rtol=1e-5
+    )
     np.testing.assert_allclose(metrics["total_weight"], ref_metrics["total_weight"])
     assert int(state.round) == 1
 

@@ -103,7 +103,9 @@ def test_non_dp_run_files_are_strict_with_facts_tensorboard_and_plain_progress(t
     # stderr is not a terminal here: plain lines, no carriage returns
     err = capsys.readouterr().err
     assert "\r" not in err
-    assert re.search(r"federated: round 3/3: client_train_loss=\d\.\d{3} .*\(.* s/round\)", err), err
+    assert re.search(
+        r"federated: round 3/3: client_train_loss_weighted_mean=\d\.\d{3} .*\(.* s/round\)", err
+    ), err
     assert (out / "curves.png").stat().st_size > 0
 
 
@@ -125,12 +127,17 @@ def test_plot_averages_repeats_and_shows_epsilon(tmp_path):
     run = _runner()
     runs = [
         [
-            {"round": t, "client_train_loss": 1.0 / t + s, "epsilon": 0.5 * t, "fed_mean_accuracy": 0.5}
+            {
+                "round": t,
+                "client_train_loss_weighted_mean": 1.0 / t + s,
+                "epsilon": 0.5 * t,
+                "fed_mean_accuracy": 0.5,
+            }
             for t in range(1, 5 - s)
         ]
         for s in range(3)  # repeats of different lengths (a budget stop) still plot
     ]
-    rounds, mean, lo, hi, n = run.curve(runs, "client_train_loss")
+    rounds, mean, lo, hi, n = run.curve(runs, "client_train_loss_weighted_mean")
     np.testing.assert_array_equal(rounds, [1, 2, 3, 4])
     assert n == 3 and mean[0] == pytest.approx(2.0) and lo[0] == 1.0 and hi[0] == 3.0
     assert mean[3] == pytest.approx(0.25)  # only the repeat that reached round 4

@@ -1,60 +1,119 @@
-"""The DP MNIST study's script runs end to end on tiny data (skipped without the data set)."""
+"""The DP MNIST study (experiments/configs/dp_mnist.py) runs through the one trainer and
+experiments/summarize.py gathers its sweep (tiny data; skipped without the MNIST copy)."""
 
 import importlib.util
 import json
 import math
 import pathlib
+import sys
 
 import pytest
 
+from fljax import experiment
+from fljax.data.datasets import paths
+from fljax.experiment import config as cfg
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
-DATA = REPO.parent / "shared" / "data" / "mnist" / "mnist.npz"
+CONFIGS = REPO / "experiments" / "configs"
+TINY = [
+    "data.num_clients=50",
+    "data.examples_per_client=20",
+    "dp.cohort_size=5",
+    "cohort.q=0.1",
+    "rounds=2",
+    "eval_every=2",
+    "checkpoint_every=0",
+]
+SWEEP = {  # run name -> its own overrides (applied after TINY, as --set on the command line)
+    "dp_mnist_z1": ["dp.noise_multiplier=1.0"],
+    "dp_mnist_z2": ["dp.noise_multiplier=2.0"],
+    "dp_mnist_nonprivate": ["dp=None"],
+}
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location(
-        "dp_mnist", REPO / "experiments" / "configs" / "dp_mnist.py"
-    )
+def _summarize_module():
+    spec = importlib.util.spec_from_file_location("summarize", REPO / "experiments" / "summarize.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_config_is_consistent():
-    cfg = _load_script().get_config()
-    assert cfg["dp"]["cohort_size"] <= cfg["data"]["num_clients"]
-    assert 0.0 in cfg["sweep"]["noise_multipliers"] and cfg["sweep"]["baseline"]
+def _mnist_or_skip():
+    """Skip unless MNIST is where the loader looks for it (``paths.find``, as images.mnist)."""
+    for required in (["mnist.npz"], ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]):
+        try:
+            return paths.find("mnist", required)
+        except FileNotFoundError:
+            continue
+    where = ", ".join(str(f.resolve()) for f in paths.candidates("mnist"))
+    pytest.skip(f"MNIST not available: no mnist.npz in {where} (set {paths.ENV_VAR}=ROOT holding mnist/)")
 
 
-def test_partitions_are_disjoint_and_sized():
-    import numpy as np
-
-    script = _load_script()
-    y = np.repeat(np.arange(10), 50)
-    for kind in ("iid", "shards"):
-        parts = script.partition(y, 20, 10, kind, 0)
-        flat = np.concatenate(parts)
-        assert len(parts) == 20 and all(len(p) == 10 for p in parts) and len(set(flat.tolist())) == 200
-    shards = script.partition(y, 20, 10, "shards", 0)
-    # two label-sorted shards: at most 2 labels each side of a shard boundary
-    assert max(len(set(y[p].tolist())) for p in shards) <= 4
-    assert np.mean([len(set(y[p].tolist())) for p in shards]) < 3
+def test_config_builds_the_documented_dp_config():
+    config = experiment.load_config("dp_mnist", configs_dir=CONFIGS)
+    dp = cfg.dp_config(config, config.data.num_clients)
+    assert dp.population_size == 1000 and dp.cohort_size == 100 and dp.sampling == "poisson"
+    assert dp.target_delta == pytest.approx(1 / 1000) and dp.unit_of_privacy == "client"
+    nonprivate = experiment.load_config("dp_mnist", ["dp=None"], configs_dir=CONFIGS)
+    assert nonprivate.dp is None and nonprivate.cohort == config.cohort  # same sampling
 
 
-@pytest.mark.skipif(not DATA.exists(), reason="MNIST not found at ../shared/data/mnist")
-@pytest.mark.filterwarnings("ignore:optax.global_norm is deprecated:DeprecationWarning")
-def test_quick_sweep_runs(tmp_path):
-    script = _load_script()
-    cfg = script.quick_config()
-    cfg["data"].update(num_clients=40, examples_per_client=10)
-    cfg["dp"].update(cohort_size=5)
-    cfg["rounds"], cfg["eval_every"] = 2, 2
-    cfg["model"]["hidden"] = (8,)
-    cfg["sweep"] = {"noise_multipliers": (1.0,), "baseline": False}
-    runs = script.run_sweep(cfg, tmp_path, "dp_mnist_test")
-    payload = json.loads((tmp_path / "dp_mnist_test.json").read_text())
-    assert (tmp_path / "dp_mnist_test.png").stat().st_size > 0
-    assert "epsilon" in (tmp_path / "dp_mnist_test.md").read_text()
-    assert 0 < runs[0]["epsilon"] < math.inf
-    assert runs[0]["epsilon_per_round"][0] < runs[0]["epsilon_per_round"][1]
-    assert payload["runs"][0]["privacy"]["unit_of_privacy"] == "client"
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """The tiny sweep, run in process as the docstring's commands run it, then summarized."""
+    _mnist_or_skip()
+    root = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as mp:
+        for name, own in SWEEP.items():
+            sets = [a for s in [*TINY, *own, f"name={name}"] for a in ("--set", s)]
+            argv = ["--config", "dp_mnist", *sets, "--out", str(root / name), "--no-progress"]
+            mp.setattr(sys, "argv", ["experiments/run.py", *argv])  # what run_info.json records
+            experiment.main(argv, configs_dir=CONFIGS)
+    prefix = tmp_path_factory.mktemp("results") / "dp_mnist"
+    payload = _summarize_module().main([*(str(root / n) for n in SWEEP), "--out", str(prefix)])
+    return root, prefix, payload
+
+
+def test_summary_files_are_written(sweep):
+    root, prefix, _ = sweep
+    for ext in ("json", "md", "png"):
+        assert prefix.with_suffix(f".{ext}").stat().st_size > 0
+    strict = json.loads(prefix.with_suffix(".json").read_text(), parse_constant=pytest.fail)
+    md = prefix.with_suffix(".md").read_text()
+    assert "epsilon (RDP)" in md and "epsilon (PLD)" in md
+    # the commands are the documented ones (runs/<name>), not the folders the test wrote into
+    assert str(root) not in md and str(root) not in json.dumps(strict["commands"])
+    assert "python experiments/run.py --config dp_mnist" in md and "runs/dp_mnist_z1" in md
+    assert all("--out" not in c and "--no-progress" not in c for c in strict["commands"][:-1])
+
+
+def test_rows_are_labelled_sorted_and_accounted(sweep):
+    _, prefix, payload = sweep
+    rows = payload["runs"]
+    assert [r["name"] for r in rows] == ["dp_mnist_nonprivate", "dp_mnist_z1", "dp_mnist_z2"]
+    assert [r["label"] for r in rows] == ["dp=None", "dp.noise_multiplier=1.0", "dp.noise_multiplier=2.0"]
+    # the non-private run has no epsilon: infinite here, null plus a flag in the strict JSON
+    stored = json.loads(prefix.with_suffix(".json").read_text())["runs"][0]
+    assert math.isinf(rows[0]["epsilon"]) and stored["epsilon"] is None
+    assert stored["epsilon_nonfinite"] == "inf" and stored["epsilon_pld_nonfinite"] == "inf"
+    z1, z2 = rows[1], rows[2]
+    assert math.inf > z1["epsilon"] > z2["epsilon"] > 0  # more noise, less privacy spent
+    for r in (z1, z2):
+        assert 0 < r["epsilon_pld"] <= r["epsilon"]  # PLD is tighter than RDP
+        assert r["epsilon"] == r["privacy"]["epsilon"] and r["delta"] == pytest.approx(1 / 50)
+        assert r["rounds"] == 2 and 0 <= r["final_test_accuracy"] <= 1
+    assert all(r["wall_sec"] > 0 and r["curve"][-1]["round"] == 2 for r in rows)
+
+
+def test_unfinished_run_is_an_error_naming_it(sweep, tmp_path, capsys):
+    root, _, _ = sweep
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    for name in ("config.json", "metrics.jsonl"):
+        (unfinished / name).write_bytes((root / "dp_mnist_z1" / name).read_bytes())
+    with pytest.raises(SystemExit) as exit_info:
+        _summarize_module().main([str(root / "dp_mnist_z1"), str(unfinished), "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert str(unfinished) in err and "summary.json" in err
+    assert not (tmp_path / "x.md").exists()
