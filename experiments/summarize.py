@@ -225,7 +225,7 @@ def _epsilons(run: dict) -> dict:
     }
 
 
-CURVE_KEYS = ("test_accuracy", "fed_mean_accuracy", "client_train_loss", "epsilon")
+CURVE_KEYS = ("test_accuracy", "fed_mean_accuracy", "client_train_loss_weighted_mean", "epsilon")
 
 
 def _row(run: dict, diff: dict) -> dict:

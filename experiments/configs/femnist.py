@@ -8,8 +8,10 @@ digits and upper- and lower-case letters), 10 writers sampled uniformly per roun
 1 local epoch of SGD (learning rate 0.05, batch 20), example-weighted FedAvg, 30 rounds;
 evaluated on the subset's test split (central test set).
 
-Hardware and runtime: MEASURED_RUNTIME
-Measured result: MEASURED_RESULT
+Hardware and runtime: 2 CPU cores shared with other jobs, jax 0.10.2: 387 s (about 12 s a round).
+Measured result (seed 0): test accuracy 0.396 after 30 rounds on the 4,088 test examples
+(training loss 1.43, test loss 2.47): far from converged; the test split holds writers the
+federation never trained on.
 """
 
 from fljax.experiment import FEMNIST, Client, Cohort, Config, Model, Server
