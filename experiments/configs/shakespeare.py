@@ -9,8 +9,10 @@ round, each running at most 20 local SGD steps (learning rate 1.0, batch 4), exa
 FedAvg, 20 rounds; evaluated on the first 2,000 test sequences (accuracy over every character
 position). Far fewer rounds than the paper's 1,200: a CPU-sized run, not a reproduction.
 
-Hardware and runtime: MEASURED_RUNTIME
-Measured result: MEASURED_RESULT
+Hardware and runtime: 2 CPU cores shared with other jobs, jax 0.10.2: 533 s (about 21 s a round).
+Measured result (seed 0): test accuracy 0.477 after 20 rounds over every position of the
+2,000 test sequences (test loss 1.90). Positions holding the padding token after a snippet's
+end count as well (TFF masks them), so this accuracy is higher than TFF's token accuracy.
 """
 
 from fljax.experiment import Client, Cohort, Config, Model, Server, Shakespeare
