@@ -37,6 +37,8 @@ real data needs a secret source (see ``docs/privacy.md``).
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,6 +71,18 @@ STREAMS: dict[str, int] = {
 def run_key(seed: int) -> jax.Array:
     """The run's root key (a typed key) from an integer seed."""
     return jax.random.key(seed)
+
+
+def secret_key() -> jax.Array:
+    """A key from the operating system's CSPRNG (``os.urandom``), never derived from a seed.
+
+    For randomness that a privacy guarantee assumes secret: the cohort sampling and DP noise of
+    a private run (the trainer's default; a seeded, reproducible run is a labelled simulation).
+    It fills the whole key (64 bits of ``threefry2x32``); nothing derived from it should be
+    written to configs, checkpoints or logs.
+    """
+    data = np.frombuffer(os.urandom(8), dtype=np.uint32).copy()
+    return jax.random.wrap_key_data(data, impl="threefry2x32")
 
 
 def _index(value: int | jax.Array, what: str):

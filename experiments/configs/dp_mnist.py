@@ -39,7 +39,7 @@ def get_config() -> Config:
         client=Client(learning_rate=0.1, batch_size=20, num_epochs=1, weighting="uniform"),
         server=Server(algorithm="fedavgm", learning_rate=1.0, momentum=0.9),
         cohort=Cohort(sampling="poisson", q=0.1),
-        dp=DP(clip_norm=0.3, noise_multiplier=1.0, cohort_size=100, sampling="poisson"),
+        dp=DP(clip_norm=0.3, noise_multiplier=1.0, cohort_size=100, sampling="poisson", reproducible=True),
         rounds=100,
         eval_every=10,
         checkpoint_every=50,

@@ -259,7 +259,7 @@ class Cohort:
 
 def _dp_type() -> type:
     """``DP``: every :class:`fljax.privacy.DPConfig` field (``population_size`` and
-    ``cohort_size`` optional: they default to the data's) plus ``budget_epsilon``."""
+    ``cohort_size`` optional: they default to the data's) plus the trainer's three fields."""
     hints = typing.get_type_hints(privacy.DPConfig)
     fields = []
     for f in dataclasses.fields(privacy.DPConfig):
@@ -267,13 +267,22 @@ def _dp_type() -> type:
         if f.name in ("population_size", "cohort_size"):
             kind, default = int | None, None
         fields.append((f.name, kind) if default is dataclasses.MISSING else (f.name, kind, default))
-    fields.append(("budget_epsilon", float | None, field(None, POSITIVE)))
+    fields += [
+        ("budget_epsilon", float | None, field(None, POSITIVE)),
+        ("reproducible", bool, field(False)),
+        ("release_unnoised_metrics", bool, field(False)),
+    ]
     cls = dataclasses.make_dataclass("DP", fields, frozen=True)
     cls.__module__ = __name__
     cls.__doc__ = (
         "Client-level DP: the fields of :class:`fljax.privacy.DPConfig` (``population_size`` "
-        "and ``cohort_size`` default to the data's population and cohort) and "
-        "``budget_epsilon``: the run stops before a round would spend more."
+        "and ``cohort_size`` default to the data's population and cohort), and three of the "
+        "trainer's: ``budget_epsilon``: the run stops before a round would spend more; "
+        "``reproducible``: cohort sampling and noise derived from the public seed (a reproducible "
+        "simulation, labelled as not private in every output) instead of a secret key from the "
+        "operating system (the default); ``release_unnoised_metrics``: also write the exact, "
+        "un-noised round statistics (client counts, clipped counts, training loss), prefixed "
+        "``unnoised_`` (by default they are withheld)."
     )
     return cls
 
@@ -283,8 +292,10 @@ DP = _dp_type()
 :class:`fljax.privacy.DPConfig`: its fields (``clip_norm`` and ``noise_multiplier`` required,
 ``sampling``, ``delta``, ``weighting``, ``clip_scheme``, ...), with ``population_size`` and
 ``cohort_size`` optional (default: the data's population and the cohort's size), plus
-``budget_epsilon``: the run stops before a round would spend more. The trainer builds the
-mechanism and its accounting from this one section."""
+``budget_epsilon`` (the run stops before a round would spend more), ``reproducible`` (round
+keys from the public seed: a labelled simulation, not private; default False: a secret key from
+the operating system) and ``release_unnoised_metrics`` (default False: exact round statistics
+are withheld). The trainer builds the mechanism and its accounting from this one section."""
 
 SecAgg = secagg.SecAggConfig
 """The ``secagg`` section: :class:`fljax.secagg.SecAggConfig` (fixed-point encoding and pairwise
@@ -682,7 +693,8 @@ def dp_config(config: Config, population: int) -> privacy.DPConfig | None:
     if config.dp is None:
         return None
     kwargs = {f.name: getattr(config.dp, f.name) for f in dataclasses.fields(config.dp)}
-    kwargs.pop("budget_epsilon")
+    for extra in ("budget_epsilon", "reproducible", "release_unnoised_metrics"):
+        kwargs.pop(extra)
     if kwargs["population_size"] is None:
         kwargs["population_size"] = population
     if kwargs["cohort_size"] is None:
@@ -748,8 +760,17 @@ def validate(config: Config, population: int | None = None) -> None:
     if cohort.sampling == "uniform" and cohort.size > population:
         raise bad("cohort.size", cohort.size, f"expected at most the population, {population} clients")
     dp = dp_config(config, population)
+    if dp is not None and dp.population_size != population and dp.noise_cohort_size is None:
+        raise bad(
+            "dp.population_size",
+            dp.population_size,
+            f"expected None or the data's population, {population} clients (a larger production "
+            "population needs dp.noise_cohort_size: a simulated noise cohort)",
+        )
+    if dp is not None and dp.cohort_size > population:
+        raise bad("dp.cohort_size", dp.cohort_size, f"expected at most the population, {population} clients")
     if dp is not None and cohort.sampling != "all":  # DP samples; a cohort section must agree
-        q = dp.cohort_size / dp.population_size
+        q = dp.cohort_size / population
         if dp.sampling == "poisson" and not (cohort.sampling == "poisson" and math.isclose(cohort.q, q)):
             raise bad(
                 "cohort.sampling",

@@ -228,6 +228,10 @@ def train(
     ledger = None
     if dp_config is not None:
         ledger = privacy.PrivacyLedger(dp_config, budget_epsilon=config.dp.budget_epsilon)
+    # Under DP the round keys (cohort sampling, noise) come from a secret key unless the config
+    # asks for a reproducible simulation: anyone with a public seed could regenerate the noise.
+    secret = dp_config is not None and not config.dp.reproducible
+    loop_key = fl_random.secret_key() if secret else None
     algo, update = _compiled_round(config, model, dp_config, train_data.num_clients)
     state = algo.init(params)
     states = build_client_states(config, model, params, train_data.num_clients)  # stateful clients, host
@@ -238,7 +242,7 @@ def train(
     if out_dir is not None:
         pathlib.Path(out_dir).mkdir(parents=True, exist_ok=True)
         if resume:
-            start, restored, records = _resume(ckpt_dir, metrics_path, bundle(), ledger)
+            start, restored, records = _resume(ckpt_dir, metrics_path, bundle(), ledger, secret=secret)
             if states is None:
                 state = restored
             else:
@@ -261,6 +265,8 @@ def train(
 
     def save():
         extra = {"round": done, "epsilon": None if ledger is None else ledger.epsilon()}
+        if ledger is not None:
+            extra["dp_rounds_accounted"] = ledger.rounds
         with _crash_hook("save", done):
             checkpoint.save(ckpt_dir, done, bundle(), extra)
 
@@ -268,15 +274,15 @@ def train(
         t0 = time.perf_counter()
         if ledger is not None and not ledger.can_run(1):
             stopped = (
-                f"stopped before round {r + 1}: it would spend epsilon {ledger.epsilon(r + 1):.3f} > "
+                f"stopped before round {r + 1}: it would spend epsilon {ledger.epsilon(ledger.rounds + 1):.3f} > "
                 f"budget {ledger.budget_epsilon} (spent {ledger.epsilon():.3f} after {r} rounds)"
             )
             print(f"fljax: privacy budget reached, {stopped}", flush=True)
             break
-        rkey = fl_random.round_key(run_key, r)
+        rkey = fl_random.round_key(run_key, r) if loop_key is None else jax.random.fold_in(loop_key, r)
         sample_key = fl_random.stream(rkey, "sample")
         if dp_config is not None:  # sample exactly as the accounting assumes
-            ids, mask = privacy.sample_cohort(dp_config, sample_key)
+            ids, mask = privacy.sample_cohort(dp_config, sample_key, num_clients=train_data.num_clients)
         else:
             ids, mask = sample_cohort(config.cohort, sample_key, train_data.num_clients)
         cohort = train_data.cohort(
@@ -289,6 +295,7 @@ def train(
             state = states.scatter(cohort, state)
         record = {"round": r + 1, **{k: float(v) for k, v in jax.device_get(m).items()}}
         if ledger is not None:
+            record = _released(record, config.dp)
             record["epsilon"] = ledger.step(1)
         record["round_sec"] = time.perf_counter() - t0
         if eval_fn is not None and ((r + 1) % every == 0 or r + 1 == rounds):
@@ -311,17 +318,21 @@ def train(
         save()
     spent = {"epsilon": float("inf"), "note": "no differential privacy configured"}
     if ledger is not None:
-        spent = ledger.summary() | {"stopped": stopped}
+        spent = ledger.summary() | {"stopped": stopped} | _privacy_labels(config.dp, records)
     return Trained(state, records, spent)
 
 
-def _resume(ckpt_dir: pathlib.Path, metrics_path: pathlib.Path, state, ledger):
+def _resume(ckpt_dir: pathlib.Path, metrics_path: pathlib.Path, state, ledger, *, secret: bool = False):
     """(start round, state, records) to continue a run from; tidies its folder to match.
 
     The start is the newest readable checkpoint whose rounds all have a complete metrics line;
     an unreadable newer checkpoint is reported in one line on stderr and skipped. Metrics lines
     and checkpoints after the start are removed (they are recomputed identically), so a kill
     at any point in here leaves a folder that resumes the same way.
+
+    With secret noise (``secret``), the rounds recomputed here were already run once with
+    another noise draw whose outputs may have been seen (their metrics lines): the ledger
+    counts them again, so epsilon never under-reports what was released.
     """
     rows, dropped = _read_metrics(metrics_path)
     found = checkpoint.restore_latest(
@@ -331,14 +342,18 @@ def _resume(ckpt_dir: pathlib.Path, metrics_path: pathlib.Path, state, ledger):
     if found is not None:
         start, state, extra = found
     if ledger is not None:
-        spent = extra.get("epsilon")
-        if spent is not None and not np.isclose(spent, ledger.epsilon(start), rtol=1e-9, atol=0):
+        spent, accounted = extra.get("epsilon"), int(extra.get("dp_rounds_accounted", start))
+        if spent is not None and not np.isclose(spent, ledger.epsilon(accounted), rtol=1e-9, atol=0):
             raise RunFolderError(
                 f"checkpoint round {start} recorded epsilon {spent} but this DP config gives "
-                f"{ledger.epsilon(start)} after {start} rounds: the DP config changed; start a new run"
+                f"{ledger.epsilon(accounted)} after {accounted} rounds: the DP config changed; start a new run"
             )
-        if start:
-            ledger.step(start)
+        rerun = (len(rows) - start + dropped) if secret else 0  # released once with other noise
+        ledger.rounds = accounted + rerun
+        if rerun:
+            _note(
+                f"secret noise: the {rerun} recomputed round(s) are accounted again (epsilon {ledger.epsilon():.4g})"
+            )
     # Rows first: once they end at ``start``, a kill while deleting never makes later
     # checkpoints candidates again.
     outputs.write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows[:start]))
@@ -355,6 +370,50 @@ def _resume(ckpt_dir: pathlib.Path, metrics_path: pathlib.Path, state, ledger):
             )
         )
     return start, state, rows[:start]
+
+
+# Round metrics that may be released under DP: functions of the noised aggregate or of public
+# settings. Every other round statistic (client counts, clipped counts, total weight, the
+# clients' training loss) is exact and data-dependent: withheld unless the config asks for it.
+DP_RELEASED = (
+    "round",
+    "delta_norm",
+    "dp_clip_norm",
+    "dp_noise_std",
+    "dp_sensitivity",
+    "dp_simulated_noise_cohort",
+    "dp_unclipped_fraction",
+    "aborted",  # a secure sum's abort: set by dropouts (the protocol), not by the data
+    "round_sec",
+)
+
+
+def _released(record: dict, dp: cfg.DP) -> dict:
+    """A DP round's record as released: the private metrics, and the exact ones only when
+    ``dp.release_unnoised_metrics`` (renamed ``unnoised_<name>``), plus the noise's source."""
+    out = {k: v for k, v in record.items() if k in DP_RELEASED}
+    if dp.release_unnoised_metrics:
+        out |= {f"unnoised_{k}": v for k, v in record.items() if k not in DP_RELEASED}
+    out["dp_noise_from_seed"] = dp.reproducible
+    return out
+
+
+def _privacy_labels(dp: cfg.DP, records: list[dict]) -> dict:
+    """What a DP run's outputs are: the noise's source and which statistics are not private."""
+    withheld = sorted({k for r in records for k in r if k.startswith("unnoised_")})
+    return {
+        "noise": (
+            "reproducible simulation: cohort sampling and noise derived from the public seed; NOT private"
+            if dp.reproducible
+            else "secret: cohort sampling and noise from a key drawn from the operating system's CSPRNG, "
+            "never stored"
+        ),
+        "unnoised_metrics_released": withheld,
+        "withheld": "exact round statistics (client and clipped counts, total weight, client training loss)"
+        if not dp.release_unnoised_metrics
+        else None,
+        "evaluation": "test_* and fed_* metrics are computed on held-out data, without noise",
+    }
 
 
 def _read_metrics(path: pathlib.Path) -> tuple[list[dict], int]:

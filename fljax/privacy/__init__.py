@@ -6,12 +6,15 @@ One config object builds both sides, so noise and epsilon cannot drift:
   ``dp(cfg, sum=secagg.secure_sum(sa))``; adaptive clipping, simulated noise
   cohort) and :func:`accounting.dp_event`;
 * :class:`DPSGDConfig` -> :func:`dp_sgd_client` / :func:`dp_sgd_gradient`
-  (example-level DP-SGD inside a client) and :func:`accounting.dp_event`.
+  (example-level DP-SGD inside a client) and :func:`accounting.dp_event`;
+  across silos of different sizes, :func:`silo_epsilons` / :class:`SiloLedger`
+  account each silo with its own size, steps and rounds (``epsilon(cfg, rounds)``
+  is a silo of ``cfg.num_examples`` records only).
 
 :class:`PrivacyLedger` enforces a budget on the host, round by round.
 """
 
-from fljax.privacy import accounting, aggregation, config, dp_sgd
+from fljax.privacy import accounting, aggregation, config, dp_sgd, silo_accounting
 from fljax.privacy.accounting import (
     PrivacyBudgetExceededError,
     PrivacyLedger,
@@ -23,6 +26,7 @@ from fljax.privacy.accounting import (
 from fljax.privacy.aggregation import DPState, dp, sample_cohort
 from fljax.privacy.config import DPConfig, DPSGDConfig, expected_capped_weight
 from fljax.privacy.dp_sgd import dp_sgd_client, dp_sgd_gradient, per_example_gradients
+from fljax.privacy.silo_accounting import SiloLedger, SiloSizeWarning, silo_epsilons, silo_steps
 
 __all__ = [
     "DPConfig",
@@ -30,6 +34,8 @@ __all__ = [
     "DPState",
     "PrivacyBudgetExceededError",
     "PrivacyLedger",
+    "SiloLedger",
+    "SiloSizeWarning",
     "accounting",
     "aggregation",
     "calibrate_noise_multiplier",
@@ -43,5 +49,8 @@ __all__ = [
     "expected_capped_weight",
     "per_example_gradients",
     "sample_cohort",
+    "silo_accounting",
+    "silo_epsilons",
+    "silo_steps",
     "summary",
 ]

@@ -242,20 +242,33 @@ def dp(config: DPConfig, sum: Aggregator | None = None) -> Aggregator:
 
 
 def sample_cohort(
-    config: DPConfig, key: jax.Array, *, max_cohort: int | None = None
+    config: DPConfig, key: jax.Array, *, max_cohort: int | None = None, num_clients: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sample a round's cohort the way ``config`` is accounted (host side).
 
     Poisson: each of ``population_size`` clients joins with probability
     ``cohort_size / population_size`` (padded to a fixed capacity, see
     :func:`fljax.data.sampling.poisson`). Fixed: ``cohort_size`` distinct clients
-    uniformly. With a simulated noise cohort the simulated ``cohort_size`` is
-    sampled (the accounting is the production cohort's).
+    uniformly.
+
+    With a simulated noise cohort (``noise_cohort_size``), ``population_size`` is the
+    PRODUCTION population and the simulated one is smaller: pass its size as ``num_clients``;
+    the simulated cohort (``cohort_size``) is then drawn from those clients the same way
+    (Poisson rate ``cohort_size / num_clients``), while the accounting is the production
+    cohort's.
 
     Returns:
       ``(client_ids, client_mask)`` for :meth:`fljax.data.FederatedData.cohort`.
     """
+    n = config.population_size if num_clients is None else int(num_clients)
+    if n != config.population_size and config.noise_cohort_size is None:
+        raise ValueError(
+            f"num_clients={n} differs from population_size={config.population_size}: the "
+            "accounting assumes sampling from the whole population (only a simulated noise cohort "
+            "samples a smaller simulated population)"
+        )
+    if not 0 < config.cohort_size <= n:
+        raise ValueError(f"cohort_size={config.cohort_size} must be in [1, num_clients={n}]")
     if config.sampling == "poisson":
-        q = config.cohort_size / config.population_size
-        return sampling.poisson(key, config.population_size, q, max_cohort)
-    return sampling.uniform(key, config.population_size, config.cohort_size)
+        return sampling.poisson(key, n, config.cohort_size / n, max_cohort)
+    return sampling.uniform(key, n, config.cohort_size)

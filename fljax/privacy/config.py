@@ -30,6 +30,21 @@ from typing import Literal
 Sampling = Literal["poisson", "fixed"]
 
 
+def default_delta(n: int) -> float:
+    """The delta used when none is given, for ``n`` units of privacy: ``min(1e-5, n ** -1.1)``.
+
+    Delta must be well below ``1 / n``: a mechanism that publishes one unit's data in full with
+    probability ``1 / n`` satisfies (0, 1/n)-DP. ``n ** -1.1`` is below ``1 / n`` for every
+    ``n > 1``, and the cap 1e-5 keeps delta small for small populations (4 hospitals: 1e-5,
+    not 0.25).
+
+    Examples:
+      >>> default_delta(4), default_delta(10**6) < 1e-6
+      (1e-05, True)
+    """
+    return min(1e-5, float(n) ** -1.1)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DPConfig:
     """Client-level differential privacy for one federated training run.
@@ -64,7 +79,8 @@ class DPConfig:
       cohort_size: expected cohort size (Poisson: ``q * N``) or exact size (fixed).
       sampling: ``"poisson"`` or ``"fixed"``; must be what the runner does (use
         :func:`fljax.privacy.aggregation.sample_cohort`).
-      delta: target delta; default ``1 / population_size``.
+      delta: target delta; default :func:`default_delta` of ``population_size``
+        (``min(1e-5, N ** -1.1)``, always below ``1 / N``).
       weighting: ``"uniform"``: every participating client has weight 1 (its
         example count is ignored). ``"capped"``: weight
         ``min(num_examples, max_weight) / max_weight`` in ``[0, 1]``.
@@ -238,7 +254,7 @@ class DPConfig:
 
     @property
     def target_delta(self) -> float:
-        return float(self.delta) if self.delta is not None else 1.0 / self.population_size
+        return float(self.delta) if self.delta is not None else default_delta(self.population_size)
 
     def replace(self, **changes) -> DPConfig:
         return dataclasses.replace(self, **changes)
@@ -255,6 +271,11 @@ class DPSGDConfig:
     ``noise_multiplier * l2_norm_clip`` is added once to the sum, which is
     divided by the fixed ``batch_size``. Sensitivity of the sum: ``l2_norm_clip``.
 
+    ``num_examples`` describes ONE silo: the epsilon of this config is that of a silo with
+    ``num_examples`` records. Silos of different sizes spend different budgets (a smaller silo
+    runs fewer steps at a higher sampling rate and spends more): account them with
+    :func:`fljax.privacy.silo_accounting.silo_epsilons` and report the maximum.
+
     Accounting: each minibatch step is a Poisson-subsampled Gaussian with
     ``q = batch_size / num_examples``, composed over ``steps_per_round * rounds``
     steps. NOTE: :func:`fljax.client.local_sgd` draws shuffled fixed-size
@@ -268,7 +289,8 @@ class DPSGDConfig:
       batch_size: the fixed minibatch size (the denominator).
       num_examples: the silo's number of records ``n`` (public).
       num_epochs: local epochs per round.
-      delta: target delta; default ``1 / num_examples``.
+      delta: target delta; default :func:`default_delta` of ``num_examples``
+        (``min(1e-5, n ** -1.1)``, always below ``1 / n``).
     """
 
     l2_norm_clip: float
@@ -324,7 +346,7 @@ class DPSGDConfig:
 
     @property
     def target_delta(self) -> float:
-        return float(self.delta) if self.delta is not None else 1.0 / self.num_examples
+        return float(self.delta) if self.delta is not None else default_delta(self.num_examples)
 
     def replace(self, **changes) -> DPSGDConfig:
         return dataclasses.replace(self, **changes)

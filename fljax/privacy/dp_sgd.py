@@ -3,8 +3,15 @@
 For the cross-silo case (a hospital is a client; the unit of privacy is one of
 its records). :func:`dp_sgd_gradient` is a ``gradient=`` function for
 :func:`fljax.client.local_sgd`; :func:`dp_sgd_client` builds the whole client
-update from a :class:`~fljax.privacy.config.DPSGDConfig`, whose accounting is
-:func:`fljax.privacy.accounting.dp_event`.
+update from a :class:`~fljax.privacy.config.DPSGDConfig`.
+
+Accounting is per silo: each silo protects its own records, and a silo of
+``n_i`` records runs ``num_epochs * ceil(n_i / batch_size)`` steps per round
+with sampling probability ``batch_size / n_i``, so a smaller silo spends MORE
+epsilon at the same noise. Report :func:`fljax.privacy.silo_epsilons` (or keep
+a :class:`fljax.privacy.SiloLedger`) with every silo's size;
+:func:`fljax.privacy.accounting.epsilon` on the config is the epsilon of ONE
+silo of ``config.num_examples`` records only.
 
 References:
   Abadi, Chu, Goodfellow, McMahan, Mironov, Talwar, Zhang. "Deep Learning with
@@ -13,6 +20,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import jax
@@ -21,6 +29,7 @@ import optax
 
 from fljax import client, losses, tree
 from fljax.base import ClientUpdate
+from fljax.privacy import silo_accounting
 from fljax.privacy.aggregation import gaussian_noise
 from fljax.privacy.config import DPSGDConfig
 
@@ -105,18 +114,45 @@ def dp_sgd_client(
     *,
     loss_fn: losses.LossFn = losses.softmax_cross_entropy,
     weighting: Literal["num_examples", "uniform"] = "num_examples",
+    silo_sizes: Sequence[int] | None = None,
 ) -> ClientUpdate:
     """:func:`fljax.client.local_sgd` with DP-SGD gradients configured by ``config``.
 
-    Unit of privacy: one example; neighbouring relation: add/remove one example;
-    sensitivity per minibatch sum: ``config.l2_norm_clip``. Runs
-    ``config.num_epochs`` epochs of shuffled minibatches of ``config.batch_size``
-    (accounted as Poisson sampling, see :class:`DPSGDConfig`). The per-step
+    Unit of privacy: one example of one silo; neighbouring relation: add/remove
+    one example; sensitivity per minibatch sum: ``config.l2_norm_clip``. Runs
+    ``config.num_epochs`` epochs of shuffled minibatches of ``config.batch_size``:
+    a silo of ``n_i`` real records takes ``num_epochs * ceil(n_i / batch_size)``
+    real steps per round (padding-only minibatches change nothing). The per-step
     noise keys come from the client's key (stream ``"clients"``).
+
+    The same update runs in every silo, but each silo's epsilon depends on its
+    own ``n_i``: account with :func:`fljax.privacy.silo_epsilons` /
+    :class:`fljax.privacy.SiloLedger` and every silo's size.
+    ``accounting.epsilon(config, rounds)`` is the epsilon of a silo of
+    ``config.num_examples`` records only (shuffled minibatches accounted as
+    Poisson, see :mod:`fljax.privacy.silo_accounting` for the upper bound that
+    holds for shuffling).
 
     With ``weighting="num_examples"`` the client's weight reveals its data-set
     size, which example-level DP treats as public.
+
+    Args:
+      model: a flax module or ``apply(params, x)`` callable.
+      optimizer: the client optimizer.
+      config: the DP-SGD configuration (noise, clip, batch size, epochs).
+      loss_fn: per-example loss.
+      weighting: ``"num_examples"`` or ``"uniform"``.
+      silo_sizes: optional real record counts of all silos the update will run
+        on. Refused (``ValueError``) if a non-empty silo is smaller than
+        ``config.batch_size``; warns (:class:`fljax.privacy.SiloSizeWarning`) if
+        ``config.num_examples`` exceeds the smallest silo, i.e. if the
+        single-size ``accounting.epsilon(config, rounds)`` would under-report.
+
+    Returns:
+      A :class:`fljax.client.Configurable` client update.
     """
+    if silo_sizes is not None:
+        silo_accounting.check_silo_sizes(config, silo_sizes)
     grad = dp_sgd_gradient(
         model,
         l2_norm_clip=config.l2_norm_clip,

@@ -43,7 +43,13 @@ class SecAggConfig:
         ``ceil(k/2)`` nearest ring neighbours on each side. ``k >= n - 1`` is the
         complete graph.
       threshold: Shamir threshold ``t`` (number of share holders that must
-        survive). ``None`` uses :meth:`default_threshold`.
+        survive), where a client's ``h`` share holders are the client and its
+        graph neighbours (all ``n`` clients on the complete graph). It must
+        satisfy ``h/2 < t <= h``: at ``t <= h/2`` a malicious server that tells
+        two halves of the holders different stories (the client survived, the
+        client dropped) collects ``t`` shares of both its self-mask seed and
+        its masking key, hence its input. ``None`` uses
+        :func:`default_threshold`, which satisfies the bound.
       dropout_rate: simulation only: the probability that a client drops out
         after the masks are agreed and before its masked input reaches the
         server (each client independently, from the ``"dropout"`` key stream).
@@ -74,6 +80,11 @@ class SecAggConfig:
             raise ValueError(f"weight_bits must be in 0..24, got {self.weight_bits}")
         if self.num_neighbors is not None and self.num_neighbors < 1:
             raise ValueError(f"num_neighbors must be >= 1 or None, got {self.num_neighbors}")
+        if self.threshold is not None and self.threshold < 1:
+            raise ValueError(f"threshold must be >= 1 or None, got {self.threshold}")
+        if self.threshold is not None and self.num_neighbors is not None:
+            # On a sparse graph every client has h = 2 * ceil(k / 2) + 1 share holders.
+            _check_majority(self.threshold, 2 * math.ceil(self.num_neighbors / 2) + 1)
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if self.max_abs_int > _MAX_EXACT_FLOAT32:
@@ -140,19 +151,35 @@ class SecAggConfig:
         return self.neighbors_for(num_clients) >= num_clients - 1
 
     def threshold_for(self, num_clients: int) -> int:
-        """Shamir threshold among one client's ``neighbors_for(n) + 1`` share holders."""
+        """Shamir threshold among one client's ``h = neighbors_for(n) + 1`` share holders.
+
+        Raises:
+          ValueError: unless ``h/2 < t <= h`` (``threshold must be ...``).
+        """
         holders = self.neighbors_for(num_clients) + 1
         t = self.threshold if self.threshold is not None else default_threshold(holders)
-        if not 1 <= t <= holders:
-            raise ValueError(f"threshold {t} must be in 1..{holders} (share holders)")
+        if t > holders:
+            raise ValueError(f"threshold must be <= {holders} (the share holders), got {t}")
+        _check_majority(t, holders)
         return t
+
+
+def _check_majority(threshold: int, holders: int) -> None:
+    """``threshold > holders / 2``: two disjoint sets of holders cannot both reach it, so a
+    server that asks some holders for a client's self-mask shares and others for its key
+    shares (claiming the client both survived and dropped) cannot rebuild both."""
+    if 2 * threshold <= holders:
+        raise ValueError(
+            f"threshold must be > h/2 = {holders / 2:g} for {holders} share holders, got {threshold}"
+        )
 
 
 def default_threshold(holders: int) -> int:
     """Default Shamir threshold: ``floor(2 * holders / 3) + 1`` (and at least 2 when possible).
 
-    With this threshold an honest-but-curious server colluding with fewer than
-    a third of a client's share holders learns nothing, and the protocol
-    survives up to a third of dropouts (a little less).
+    It is always above ``holders / 2`` (the bound :meth:`SecAggConfig.threshold_for`
+    enforces). With this threshold an honest-but-curious server colluding with
+    fewer than a third of a client's share holders learns nothing, and the
+    protocol survives up to a third of dropouts (a little less).
     """
     return min(holders, max(2, (2 * holders) // 3 + 1))

@@ -8,7 +8,10 @@ network::
 
 integers big-endian; the signature covers everything before it, so the round id
 and the step are authenticated (a message replayed from another round or step
-is rejected). ``SERVER`` (``0xFFFFFFFF``) is the server's party id; clients are
+is rejected). That only helps if round ids are fresh: a party refuses to start
+a round id it has already run under the same signing key (:class:`ReusedRound`,
+see :class:`fljax.secagg.protocol.Setup`), so an old message can never match
+the current round. ``SERVER`` (``0xFFFFFFFF``) is the server's party id; clients are
 ``0..n-1``. A payload is a list of fields: ``count(u32)`` then, per field,
 ``len(u32) | bytes``. Parsing is strict: any truncation, trailing byte or bad
 length raises :class:`MalformedMessage`.
@@ -23,7 +26,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 MAGIC = b"FLSA"
-VERSION = 1
+VERSION = 2  # 2: advertisements carry a self-mask seed commitment
 SERVER = 0xFFFFFFFF
 SIGNATURE_LEN = 64
 _HEADER = struct.Struct(">4sBBQII")
@@ -61,8 +64,19 @@ class UnexpectedMessage(ProtocolError):
     """A well-formed, authentic message at the wrong step or for another party."""
 
 
+class ReusedRound(ProtocolError):
+    """A round id this party already ran under the same signing key: its old messages would
+    authenticate in the new round, so a stale one could be replayed into the sum."""
+
+
 class ProtocolAbort(ProtocolError):
-    """Too few parties survive to continue without breaking privacy or correctness."""
+    """The round stops without a sum: too few parties survive to continue without breaking
+    privacy or correctness, or (:class:`CorruptShares`) a secret fails its check."""
+
+
+class CorruptShares(ProtocolAbort):
+    """Shares that reconstruct a secret other than the one its owner committed to (a self-mask
+    seed against its commitment, a masking key against its advertised public key)."""
 
 
 class RefusedRequest(ProtocolError):

@@ -9,33 +9,48 @@ Steps (Bonawitz et al. 2017, section 4; the honest-but-curious variant with
 every message signed by its sender, Ed25519 keys registered at :func:`setup`):
 
 0. ``advertise_keys``: client ``u`` makes two X25519 key pairs ``(c_u, s_u)``
-   and sends the public halves. The server picks the masking graph (complete,
-   or a random ``k``-regular Harary ring for SecAgg+, Bell et al. 2020) and
-   forwards to each client its neighbours' signed advertisements.
-1. ``share_keys``: ``u`` draws a self-mask seed ``b_u``, splits ``b_u`` and
-   ``s_u``'s private key into ``t``-of-``(k+1)`` Shamir shares
-   (:mod:`fljax.secagg.shamir`) among its neighbours and itself, and sends each
-   neighbour ``v`` its shares encrypted with AES-GCM under
-   ``HKDF(X25519(c_u, c_v))``.
+   and a self-mask seed ``b_u``, and sends the public halves with the
+   commitment ``SHA-256(label | round_id | u | b_u)`` (:func:`commit_seed`).
+   The server picks the masking graph (complete, or a random ``k``-regular
+   Harary ring for SecAgg+, Bell et al. 2020) and forwards to each client its
+   neighbours' signed advertisements.
+1. ``share_keys``: ``u`` splits ``b_u`` and ``s_u``'s private key into
+   ``t``-of-``(k+1)`` Shamir shares (:mod:`fljax.secagg.shamir`) among its
+   neighbours and itself, and sends each neighbour ``v`` its shares encrypted
+   with AES-GCM under ``HKDF(X25519(c_u, c_v))``.
 2. ``masked_input``: ``u`` sends ``y_u = x_u + PRG(b_u) + sum_v +-PRG(s_uv)``
    mod ``2**bits`` over the neighbours ``v`` that shared keys (``+`` when
    ``u < v``), with ``s_uv = HKDF(X25519(s_u, s_v))`` and the PRG the
    AES-256-CTR keystream read as little-endian uint32, masked to ``bits`` bits.
 3. ``unmask``: the server names the survivors ``U3`` and the dropped clients
    ``D``; each survivor returns its shares of ``b_v`` for ``v`` in ``U3`` and of
-   ``s_v`` for ``v`` in ``D``, never both for one client (a request that names
-   a client in both, or names the responder itself as dropped, is refused).
-   The server reconstructs, removes the survivors' self-masks and the dropped
-   clients' pairwise masks, and obtains ``sum_{u in U3} x_u`` mod ``2**bits``.
+   ``s_v`` for ``v`` in ``D``, never both for one client. It answers one
+   request only, and refuses one that names a client in both sets, names
+   itself as dropped, or does not split exactly the neighbours that shared
+   keys with it into the two sets; with fewer than ``t`` survivors among its
+   own share holders it aborts. The server reconstructs, checks every seed
+   against its commitment and every key against its advertised public key
+   (:class:`~fljax.secagg.messages.CorruptShares` on a mismatch: the round
+   aborts, no wrong sum is returned), removes the survivors' self-masks and
+   the dropped clients' pairwise masks, and obtains ``sum_{u in U3} x_u`` mod
+   ``2**bits``.
 
 The integer arithmetic is the simulation's (:mod:`fljax.secagg.simulation`):
 for the same encoded inputs and survivors the sums agree bit for bit. Every
 step tolerates dropouts down to the threshold ``t``; below it the server (and
 each client, before revealing shares) raises :class:`ProtocolAbort`.
 
-Not covered: the active-adversary variant's consistency-check round (clients
-signing ``U3``), so a malicious server that lies about ``U3`` to different
-clients is out of scope; transport encryption beyond the shares' AES-GCM.
+Security checks: (1) ``t > h/2`` for ``h`` share holders
+(:meth:`SecAggConfig.threshold_for`) with one answer per client, so a server
+that claims to some holders that ``u`` survived and to others that ``u``
+dropped gets at most one of ``b_u`` and ``s_u``; (2) every message, share
+ciphertext and commitment is bound to the round id, and a party refuses to run
+a round id twice under one signing key (:class:`Setup`); (3) reconstructed
+seeds and keys are checked (above). Against a server colluding with ``c`` of
+a client's holders the bound in (1) becomes ``t > (h + c) / 2``; the default
+``floor(2h/3) + 1`` allows ``c <= floor(h/3)``. Not covered: the
+active-adversary variant's consistency-check round (clients signing ``U3``);
+transport encryption beyond the shares' AES-GCM.
 
 References:
   Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving
@@ -46,6 +61,7 @@ References:
 
 from __future__ import annotations
 
+import operator
 import os
 import secrets
 import struct
@@ -55,75 +71,49 @@ from typing import NamedTuple
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import constant_time, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fljax.secagg import messages as msg
 from fljax.secagg import shamir
 from fljax.secagg.config import SecAggConfig
 from fljax.secagg.messages import (
+    CorruptShares,
     MalformedMessage,
     ProtocolAbort,
-    ProtocolError,
     RefusedRequest,
     ReplayedMessage,
+    ReusedRound,
     UnexpectedMessage,
 )
+from fljax.secagg.primitives import (  # re-exported: the protocol's building blocks
+    COMMIT_LEN,
+    KEY_LEN,
+    SEED_LEN,
+    commit_seed,
+    kdf,
+    masking_graph,
+    pack_vector,
+    prg,
+    unpack_vector,
+)
 
-KEY_LEN = 32
-SEED_LEN = 32
 _RAW = (serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-def kdf(shared: bytes, info: bytes) -> bytes:
-    """HKDF-SHA256 to 32 bytes."""
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
-
-
-def prg(seed: bytes, dim: int, bits: int) -> np.ndarray:
-    """``dim`` uint32 mask entries in ``Z_(2**bits)``: the AES-256-CTR keystream of ``seed``."""
-    stream = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor().update(bytes(4 * dim))
-    return np.frombuffer(stream, "<u4").astype(np.uint32) & np.uint32((1 << bits) - 1)
-
-
-def pack_vector(y: np.ndarray, bits: int) -> bytes:
-    """``ceil(bits / 8)`` little-endian bytes per entry."""
-    nb = -(-bits // 8)
-    return np.ascontiguousarray(y.astype("<u4").view(np.uint8).reshape(-1, 4)[:, :nb]).tobytes()
-
-
-def unpack_vector(data: bytes, dim: int, bits: int) -> np.ndarray:
-    nb = -(-bits // 8)
-    if len(data) != nb * dim:
-        raise MalformedMessage(f"masked vector of {len(data)} bytes, expected {nb * dim}")
-    raw = np.zeros((dim, 4), np.uint8)
-    raw[:, :nb] = np.frombuffer(data, np.uint8).reshape(dim, nb)
-    y = raw.view("<u4").reshape(dim).astype(np.uint32)
-    if np.any(y >> np.uint32(bits)) if bits < 32 else False:
-        raise MalformedMessage("masked vector entry outside the ring")
-    return y
-
-
-def masking_graph(num_clients: int, config: SecAggConfig, order: list[int]) -> list[frozenset[int]]:
-    """Neighbours of each client: all others, or a Harary ring over ``order`` (SecAgg+)."""
-    n = num_clients
-    if config.is_complete(n):
-        return [frozenset(range(n)) - {u} for u in range(n)]
-    half = config.neighbors_for(n) // 2
-    pos = {u: i for i, u in enumerate(order)}
-    return [frozenset(order[(pos[u] + d) % n] for d in range(-half, half + 1) if d) for u in range(n)]
+_DONE = -1  # a party's step once its round is over
 
 
 class Setup(NamedTuple):
     """Long-term signing keys: one per client and the server's; ``verify_keys``
-    maps each party id (clients ``0..n-1``, :data:`messages.SERVER`) to its public key."""
+    maps each party id (clients ``0..n-1``, :data:`messages.SERVER`) to its public key.
+    ``used_round_ids`` maps each party id to the round ids it has run under its
+    key (a :class:`Client` or :class:`Server` adds its round id, and refuses one
+    already there: a reused id would let that round's messages replay)."""
 
     client_keys: list[ed25519.Ed25519PrivateKey]
     server_key: ed25519.Ed25519PrivateKey
     verify_keys: dict[int, ed25519.Ed25519PublicKey]
+    used_round_ids: dict[int, set[int]]
 
 
 def setup(num_clients: int) -> Setup:
@@ -132,7 +122,22 @@ def setup(num_clients: int) -> Setup:
     server_key = ed25519.Ed25519PrivateKey.generate()
     verify = {i: k.public_key() for i, k in enumerate(client_keys)}
     verify[msg.SERVER] = server_key.public_key()
-    return Setup(client_keys, server_key, verify)
+    used: dict[int, set[int]] = {p: set() for p in verify}
+    return Setup(client_keys, server_key, verify, used)
+
+
+def _claim_round(used_round_ids: set[int], round_id: int, party: str) -> int:
+    """Record ``round_id`` as run by ``party``; refuse it if it was run before."""
+    round_id = operator.index(round_id)
+    if not 0 <= round_id < 2**64:
+        raise ValueError(f"round_id must be in 0..2**64-1, got {round_id}")
+    if round_id in used_round_ids:
+        raise ReusedRound(
+            f"{party} already ran round {round_id} under this signing key; "
+            "every round needs a fresh round id (its old messages would authenticate)"
+        )
+    used_round_ids.add(round_id)
+    return round_id
 
 
 def _ids(data: bytes, n: int) -> list[int]:
@@ -143,17 +148,30 @@ def _ids(data: bytes, n: int) -> list[int]:
 
 
 class Client:
-    """One client's side of one round. Call the four steps in order."""
+    """One client's side of one round. Call the four steps in order.
+
+    ``used_round_ids`` is this client's record of the round ids it has run
+    under ``signing_key`` (``Setup.used_round_ids[index]``): ``round_id`` must
+    not be in it (:class:`~fljax.secagg.messages.ReusedRound`) and is added.
+    """
 
     def __init__(
-        self, index: int, signing_key, verify_keys, config: SecAggConfig, num_clients: int, round_id: int
+        self,
+        index: int,
+        signing_key,
+        verify_keys,
+        config: SecAggConfig,
+        num_clients: int,
+        round_id: int,
+        *,
+        used_round_ids: set[int],
     ):
-        self.u, self.n, self.config, self.round_id = index, num_clients, config, round_id
+        self.u, self.n, self.config = index, num_clients, config
         self._sign, self._verify = signing_key, verify_keys
         self.bits = config.ring_bits(num_clients)
         self.t = config.threshold_for(num_clients)
+        self.round_id = _claim_round(used_round_ids, round_id, f"client {index}")
         self._step = msg.ADVERTISE_KEYS
-        self._sent_input = False
 
     def _seal(self, step: int, payload: bytes) -> bytes:
         return msg.seal(self._sign, msg.Header(step, self.round_id, self.u, msg.SERVER), payload)
@@ -170,10 +188,11 @@ class Client:
         if self._step != msg.ADVERTISE_KEYS:
             raise UnexpectedMessage(f"client {self.u} already advertised its keys")
         self._c, self._s = x25519.X25519PrivateKey.generate(), x25519.X25519PrivateKey.generate()
+        self._b = os.urandom(SEED_LEN)
         self._step = msg.SHARE_KEYS
+        public = [k.public_key().public_bytes(*_RAW) for k in (self._c, self._s)]
         return self._seal(
-            msg.ADVERTISE_KEYS,
-            msg.pack_fields([k.public_key().public_bytes(*_RAW) for k in (self._c, self._s)]),
+            msg.ADVERTISE_KEYS, msg.pack_fields(public + [commit_seed(self._b, self.round_id, self.u)])
         )
 
     def share_keys(self, data: bytes) -> bytes:
@@ -184,6 +203,7 @@ class Client:
         if sorted(order) != list(range(self.n)):
             raise MalformedMessage("masking graph order is not a permutation of the cohort")
         graph = masking_graph(self.n, self.config, order)[self.u]
+        self._graph = graph
         self._peers: dict[int, tuple[bytes, bytes]] = {}
         for raw in fields[1:]:
             header, payload = msg.open_message(
@@ -193,8 +213,7 @@ class Client:
             if (
                 header.sender not in graph
                 or header.sender in self._peers
-                or len(keys) != 2
-                or any(len(k) != KEY_LEN for k in keys)
+                or [len(k) for k in keys] != [KEY_LEN, KEY_LEN, COMMIT_LEN]
             ):
                 raise MalformedMessage(f"bad advertisement from {header.sender} for client {self.u}")
             self._peers[header.sender] = (keys[0], keys[1])
@@ -202,7 +221,6 @@ class Client:
             raise ProtocolAbort(
                 f"client {self.u}: {len(self._peers) + 1} share holders alive < threshold {self.t}"
             )
-        self._b = os.urandom(SEED_LEN)
         holders = sorted(self._peers) + [self.u]
         xs = [h + 1 for h in holders]
         sk = self._s.private_bytes_raw()
@@ -232,8 +250,9 @@ class Client:
         senders = _ids(fields[0], self.n)
         if len(senders) != len(fields) - 1:
             raise MalformedMessage("share list and ciphertexts differ in number")
+        held = dict(self._held)  # committed only once the whole message checks out
         for v, ct in zip(senders, fields[1:], strict=True):
-            if v not in self._peers or v in self._held or len(ct) < 12:
+            if v not in self._peers or v in held or len(ct) < 12:
                 raise MalformedMessage(f"unexpected shares from {v} for client {self.u}")
             key = kdf(
                 self._c.exchange(x25519.X25519PublicKey.from_public_bytes(self._peers[v][0])),
@@ -246,11 +265,9 @@ class Client:
             parts = msg.unpack_fields(plain)
             if len(parts) != 3 or msg.unpack_ints(parts[0]) != [v, self.u]:
                 raise MalformedMessage(f"shares from {v} name the wrong parties")
-            self._held[v] = (parts[1], parts[2])
-        if len(self._held) < self.t:
-            raise ProtocolAbort(
-                f"client {self.u}: {len(self._held)} share holders alive < threshold {self.t}"
-            )
+            held[v] = (parts[1], parts[2])
+        if len(held) < self.t:
+            raise ProtocolAbort(f"client {self.u}: {len(held)} share holders alive < threshold {self.t}")
         x = np.asarray(values, np.uint32)
         mask = np.uint32((1 << self.bits) - 1)
         if x.ndim != 1 or np.any(x & ~mask):
@@ -263,10 +280,26 @@ class Client:
             )
             m = prg(seed, x.size, self.bits)
             y = y + m if self.u < v else y - m
-        self._step, self._sent_input = msg.UNMASK, True
+        self._held, self._step = held, msg.UNMASK
         return self._seal(msg.MASKED_INPUT, msg.pack_fields([pack_vector(y & mask, self.bits)]))
 
     def unmask(self, data: bytes) -> bytes:
+        """Answer the server's one unmasking request (survivors, dropped clients).
+
+        Raises:
+          RefusedRequest: a second request (a client answers once, so it never
+            reveals both a seed share and a key share of one peer), a client
+            named both survivor and dropped, this client named dropped or not
+            named a survivor, or neighbours split otherwise than exactly the
+            ones that shared keys with this client.
+          ProtocolAbort: fewer than ``t`` survivors among this client's share
+            holders (the server could not rebuild its seed anyway).
+        """
+        if self._step == _DONE:
+            raise RefusedRequest(
+                f"client {self.u} refuses a second unmasking request: it answers once, "
+                "so it never reveals both kinds of shares of one client"
+            )
         fields = self._open(data, msg.UNMASK)
         if len(fields) != 2:
             raise MalformedMessage("unmasking request must list survivors and dropped clients")
@@ -275,13 +308,22 @@ class Client:
             raise RefusedRequest(
                 f"client {self.u} refuses: clients {sorted(survivors & dropped)} named both survivor and dropped"
             )
-        if self._sent_input and self.u in dropped:
+        if self.u in dropped:
             raise RefusedRequest(f"client {self.u} refuses: it sent its masked input but is named as dropped")
         if self.u not in survivors:
             raise RefusedRequest(f"client {self.u} refuses: not named among the survivors")
-        if len(survivors) < self.t:
+        shared = set(self._held) - {self.u}  # the neighbours that shared keys with this client
+        named = (survivors | dropped) & self._graph
+        if named != shared:
+            raise RefusedRequest(
+                f"client {self.u} refuses: the request names neighbours {sorted(named)} as survivors "
+                f"or dropped, but {sorted(shared)} shared keys with it"
+            )
+        alive = len(survivors & set(self._held))
+        if alive < self.t:
             raise ProtocolAbort(
-                f"client {self.u} refuses to unmask: {len(survivors)} survivors < threshold {self.t}"
+                f"client {self.u} refuses to unmask: {alive} survivors among its share holders "
+                f"< threshold {self.t}"
             )
         out = []
         for v, (share_b, share_s) in sorted(self._held.items()):
@@ -289,29 +331,43 @@ class Client:
                 out += [msg.pack_ints([v, 0]), share_b]
             elif v in dropped:
                 out += [msg.pack_ints([v, 1]), share_s]
-        self._step = -1  # done: never answer twice
+        self._step = _DONE  # never answer twice
         return self._seal(msg.UNMASK, msg.pack_fields(out))
 
 
 class Server:
     """The server's side of one round: :meth:`receive` each message, then
     :meth:`finish_step` to get the replies (``{client: bytes}``) or, after the
-    unmasking step, the sum."""
+    unmasking step, the sum.
+
+    ``used_round_ids`` is the server's record of the round ids it has run under
+    ``signing_key`` (``Setup.used_round_ids[messages.SERVER]``): ``round_id``
+    must not be in it (:class:`~fljax.secagg.messages.ReusedRound`) and is added.
+    """
 
     def __init__(
-        self, signing_key, verify_keys, config: SecAggConfig, num_clients: int, dim: int, round_id: int
+        self,
+        signing_key,
+        verify_keys,
+        config: SecAggConfig,
+        num_clients: int,
+        dim: int,
+        round_id: int,
+        *,
+        used_round_ids: set[int],
     ):
-        self.n, self.dim, self.config, self.round_id = num_clients, dim, config, round_id
+        self.n, self.dim, self.config = num_clients, dim, config
         self._sign, self._verify = signing_key, verify_keys
         self.bits = config.ring_bits(num_clients)
         self.t = config.threshold_for(num_clients)
+        self.round_id = _claim_round(used_round_ids, round_id, "the server")
         order = list(range(num_clients))
         secrets.SystemRandom().shuffle(order)
         self.order = order
         self.graph = masking_graph(num_clients, config, order)
         self.step = msg.ADVERTISE_KEYS
         self._inbox: dict[int, object] = {}
-        self.adverts: dict[int, tuple[bytes, bytes, bytes]] = {}
+        self.adverts: dict[int, tuple[bytes, bytes, bytes, bytes]] = {}  # (c_pk, s_pk, commitment, raw)
         self.u1: set[int] = set()
         self.u2: set[int] = set()
         self.u3: set[int] = set()
@@ -348,17 +404,17 @@ class Server:
         fields = msg.unpack_fields(payload)
         parsed: object
         if self.step == msg.ADVERTISE_KEYS:
-            if len(fields) != 2 or any(len(f) != KEY_LEN for f in fields):
-                raise MalformedMessage(f"advertisement from {u} must hold two 32-byte keys")
-            parsed = (fields[0], fields[1], bytes(data))
+            if [len(f) for f in fields] != [KEY_LEN, KEY_LEN, COMMIT_LEN]:
+                raise MalformedMessage(
+                    f"advertisement from {u} must hold two 32-byte keys and a 32-byte seed commitment"
+                )
+            parsed = (fields[0], fields[1], fields[2], bytes(data))
         elif self.step == msg.SHARE_KEYS:
             if not fields:
                 raise MalformedMessage("empty share message")
             recipients = _ids(fields[0], self.n)
-            if len(recipients) != len(fields) - 1 or not set(recipients) <= (self.graph[u] & self.u1):
-                raise MalformedMessage(
-                    f"shares from {u} addressed to clients that are not its live neighbours"
-                )
+            if len(recipients) != len(fields) - 1 or set(recipients) != (self.graph[u] & self.u1):
+                raise MalformedMessage(f"shares from {u} must go to exactly its live neighbours")
             parsed = dict(zip(recipients, fields[1:], strict=True))
         elif self.step == msg.MASKED_INPUT:
             if len(fields) != 1:
@@ -398,7 +454,7 @@ class Server:
             order = msg.pack_ints(self.order)
             out = {
                 v: self._send(
-                    v, msg.SHARE_KEYS, [order] + [self.adverts[w][2] for w in sorted(self.graph[v] & self.u1)]
+                    v, msg.SHARE_KEYS, [order] + [self.adverts[w][3] for w in sorted(self.graph[v] & self.u1)]
                 )
                 for v in sorted(self.u1)
             }
@@ -419,12 +475,19 @@ class Server:
             out = {v: self._send(v, msg.UNMASK, req) for v in sorted(self.u3)}
         elif step == msg.UNMASK:
             self._need(set(inbox), "unmask")
-            self.step = -1
+            self.step = _DONE
             return self._unmask(inbox)
         else:
             raise UnexpectedMessage("the round is over")
         self.step = step + 1
         return out
+
+    def _combine(self, got: dict[int, bytes], secret_len: int, what: str) -> bytes:
+        """Reconstruct ``what`` from ``{x: share}``, a failure being corruption, not a bad request."""
+        try:
+            return shamir.combine(got, self.t, secret_len)
+        except shamir.ShamirError as e:
+            raise CorruptShares(f"{what}: {e}; round aborted") from None
 
     def _unmask(self, inbox) -> np.ndarray:
         shares: dict[tuple[int, int], dict[int, bytes]] = {}
@@ -439,16 +502,29 @@ class Server:
             got = shares.get((u, 0), {})
             if len(got) < self.t:
                 raise ProtocolAbort(f"only {len(got)} shares of survivor {u}'s seed < threshold {self.t}")
-            total -= prg(shamir.combine(got, self.t, SEED_LEN), self.dim, self.bits)
+            used = [x - 1 for x in sorted(got)[: self.t]]
+            seed = self._combine(got, SEED_LEN, f"self-mask seed of client {u}")
+            if not constant_time.bytes_eq(commit_seed(seed, self.round_id, u), self.adverts[u][2]):
+                raise CorruptShares(
+                    f"the reconstructed self-mask seed of client {u} does not match its commitment: "
+                    f"a share from holders {used} is corrupt; round aborted"
+                )
+            total -= prg(seed, self.dim, self.bits)
         for d in sorted(self.dropped):
             got = shares.get((d, 1), {})
             if len(got) < self.t:
                 raise ProtocolAbort(
                     f"only {len(got)} shares of dropped client {d}'s key < threshold {self.t}"
                 )
-            sk = x25519.X25519PrivateKey.from_private_bytes(shamir.combine(got, self.t, KEY_LEN))
-            if sk.public_key().public_bytes(*_RAW) != self.adverts[d][1]:
-                raise ProtocolError(f"reconstructed key of client {d} does not match its advertised key")
+            used = [x - 1 for x in sorted(got)[: self.t]]
+            sk = x25519.X25519PrivateKey.from_private_bytes(
+                self._combine(got, KEY_LEN, f"masking key of dropped client {d}")
+            )
+            if not constant_time.bytes_eq(sk.public_key().public_bytes(*_RAW), self.adverts[d][1]):
+                raise CorruptShares(
+                    f"the reconstructed masking key of dropped client {d} does not match its advertised "
+                    f"public key: a share from holders {used} is corrupt; round aborted"
+                )
             for v in sorted(self.graph[d] & self.u3):
                 seed = kdf(
                     sk.exchange(x25519.X25519PublicKey.from_public_bytes(self.adverts[v][1])),
@@ -468,7 +544,7 @@ class RoundResult(NamedTuple):
       stats: ``client_sec`` (mean over the survivors of their computing
         time), ``server_sec``, ``client_bytes_sent`` (mean over survivors),
         ``server_bytes_received`` and ``server_bytes_sent`` (totals),
-        ``graph`` and ``threshold``.
+        ``graph``, ``threshold`` and ``round_id``.
     """
 
     total: np.ndarray
@@ -481,7 +557,7 @@ def run_round(
     config: SecAggConfig,
     *,
     dropouts: dict[int, Iterable[int]] | None = None,
-    round_id: int = 0,
+    round_id: int | None = None,
     keys: Setup | None = None,
 ) -> RoundResult:
     """Run one round in process over ``values[clients, dim]`` (uint32 in ``Z_(2**bits)``).
@@ -490,17 +566,29 @@ def run_round(
       dropouts: ``{step: client ids}``: those clients vanish just before
         sending their message of that step (steps from :mod:`messages`:
         ``ADVERTISE_KEYS``, ``SHARE_KEYS``, ``MASKED_INPUT``, ``UNMASK``).
+      round_id: the round's id, bound into every message; ``None`` draws a
+        fresh random 64-bit id. An id already run under ``keys`` is refused.
       keys: long-term signing keys (default: fresh from :func:`setup`).
 
     Raises:
-      ProtocolAbort: when fewer than the threshold survive a step.
+      ProtocolAbort: when fewer than the threshold survive a step, or
+        (:class:`~fljax.secagg.messages.CorruptShares`) a reconstructed secret
+        fails its check.
+      ReusedRound: ``round_id`` was already run under ``keys``.
     """
     values = np.asarray(values, np.uint32)
     n, dim = values.shape
     keys = keys or setup(n)
+    round_id = secrets.randbits(64) if round_id is None else round_id
     dropouts = {s: set(ids) for s, ids in (dropouts or {}).items()}
-    clients = [Client(i, keys.client_keys[i], keys.verify_keys, config, n, round_id) for i in range(n)]
-    server = Server(keys.server_key, keys.verify_keys, config, n, dim, round_id)
+    used = keys.used_round_ids
+    server = Server(
+        keys.server_key, keys.verify_keys, config, n, dim, round_id, used_round_ids=used[msg.SERVER]
+    )
+    clients = [
+        Client(i, keys.client_keys[i], keys.verify_keys, config, n, round_id, used_round_ids=used[i])
+        for i in range(n)
+    ]
     client_sec, client_bytes = np.zeros(n), np.zeros(n)
     server_sec = 0.0
     alive = set(range(n))
@@ -538,5 +626,6 @@ def run_round(
         "server_bytes_sent": server.bytes_sent,
         "graph": "complete" if config.is_complete(n) else f"harary_k{config.neighbors_for(n)}",
         "threshold": server.t,
+        "round_id": server.round_id,
     }
     return RoundResult(result, survivors, stats)

@@ -94,7 +94,7 @@ def test_dict_round_trip_through_json():
         data=experiment.Images(name="cifar10", num_clients=5, partition="dirichlet", alpha=0.3),
         model=experiment.Model(name="lenet"),
         cohort=experiment.Cohort(sampling="uniform", size=2),
-        dp=experiment.DP(clip_norm=0.5, noise_multiplier=1.0, delta=1e-5),
+        dp=experiment.DP(clip_norm=0.5, noise_multiplier=1.0, delta=1e-5, sampling="fixed", cohort_size=2),
         secagg=experiment.SecAgg(frac_bits=12),
         baselines=("local", "pooled"),
         metrics=("auc",),
@@ -102,6 +102,20 @@ def test_dict_round_trip_through_json():
     cfg.validate(c)
     back = cfg.from_dict(experiment.Config, json.loads(json.dumps(cfg.to_dict(c))))
     assert back == c and hash(back) == hash(c)
+
+
+def test_dp_and_cohort_sections_must_sample_alike():
+    dp = experiment.DP(clip_norm=1.0, noise_multiplier=1.0, cohort_size=2)  # Poisson, q = 2/4
+    with pytest.raises(
+        ConfigError, match=r"cohort.sampling='uniform': expected Poisson sampling with q = .* 0.5"
+    ):
+        cfg.validate(experiment.Config(dp=dp, cohort=experiment.Cohort(sampling="uniform", size=2)))
+    cfg.validate(experiment.Config(dp=dp, cohort=experiment.Cohort(sampling="poisson", q=0.5)))
+    cfg.validate(experiment.Config(dp=dp))  # all: the dp section decides
+    with pytest.raises(
+        ConfigError, match=r"dp.population_size=100: expected None or the data's population, 4"
+    ):
+        cfg.validate(experiment.Config(dp=dataclasses.replace(dp, population_size=100)))
 
 
 def test_cross_field_checks():
@@ -125,7 +139,8 @@ def test_dp_section_mirrors_dpconfig():
     dp_fields = {f.name for f in dataclasses.fields(experiment.DP)}
     from fljax import privacy
 
-    assert dp_fields == {f.name for f in dataclasses.fields(privacy.DPConfig)} | {"budget_epsilon"}
+    trainer_fields = {"budget_epsilon", "reproducible", "release_unnoised_metrics"}
+    assert dp_fields == {f.name for f in dataclasses.fields(privacy.DPConfig)} | trainer_fields
     c = experiment.Config(dp=experiment.DP(clip_norm=1.0, noise_multiplier=1.0))
     built = cfg.dp_config(c, 4)
     assert built.population_size == 4 and built.cohort_size == 4 and built.clip_norm == 1.0

@@ -36,7 +36,7 @@ def test_poisson_epsilon_equals_direct_dp_accounting_and_grows():
                 )
             )
             assert accounting.epsilon(cfg, rounds, accountant=kind) == pytest.approx(
-                direct.get_epsilon(1 / 1000), rel=1e-9
+                direct.get_epsilon(cfg.target_delta), rel=1e-9
             )
         eps = accounting.epsilon(cfg, rounds)
         assert eps > previous
@@ -83,7 +83,7 @@ def test_dpsgd_event_and_calibration():
             dp_accounting.PoissonSampledDpEvent(0.032, dp_accounting.GaussianDpEvent(1.0)), 64 * 3
         )
     )
-    assert accounting.epsilon(cfg, 3) == pytest.approx(direct.get_epsilon(1e-3), rel=1e-9)
+    assert accounting.epsilon(cfg, 3) == pytest.approx(direct.get_epsilon(cfg.target_delta), rel=1e-9)
     z = accounting.calibrate_noise_multiplier(cfg, target_epsilon=2.0, rounds=3)
     assert abs(accounting.epsilon(cfg.replace(noise_multiplier=z), 3) - 2.0) < 0.02
     s = accounting.summary(cfg, 3)

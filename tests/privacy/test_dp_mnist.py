@@ -53,7 +53,7 @@ def test_config_builds_the_documented_dp_config():
     config = experiment.load_config("dp_mnist", configs_dir=CONFIGS)
     dp = cfg.dp_config(config, config.data.num_clients)
     assert dp.population_size == 1000 and dp.cohort_size == 100 and dp.sampling == "poisson"
-    assert dp.target_delta == pytest.approx(1 / 1000) and dp.unit_of_privacy == "client"
+    assert dp.target_delta == pytest.approx(1e-5) and dp.unit_of_privacy == "client"  # min(1e-5, N**-1.1)
     nonprivate = experiment.load_config("dp_mnist", ["dp=None"], configs_dir=CONFIGS)
     assert nonprivate.dp is None and nonprivate.cohort == config.cohort  # same sampling
 
@@ -100,7 +100,7 @@ def test_rows_are_labelled_sorted_and_accounted(sweep):
     assert math.inf > z1["epsilon"] > z2["epsilon"] > 0  # more noise, less privacy spent
     for r in (z1, z2):
         assert 0 < r["epsilon_pld"] <= r["epsilon"]  # PLD is tighter than RDP
-        assert r["epsilon"] == r["privacy"]["epsilon"] and r["delta"] == pytest.approx(1 / 50)
+        assert r["epsilon"] == r["privacy"]["epsilon"] and r["delta"] == pytest.approx(1e-5)
         assert r["rounds"] == 2 and 0 <= r["final_test_accuracy"] <= 1
     assert all(r["wall_sec"] > 0 and r["curve"][-1]["round"] == 2 for r in rows)
 

@@ -114,8 +114,14 @@ def test_below_threshold_aborts(step):
 def _start(n=6, dim=5, cfg=None, round_id=7):
     cfg = cfg or SecAggConfig(bits=16, clip_range=1.0, frac_bits=4, weight_bits=4)  # threshold 5 of 6
     keys = protocol.setup(n)
-    clients = [protocol.Client(i, keys.client_keys[i], keys.verify_keys, cfg, n, round_id) for i in range(n)]
-    server = protocol.Server(keys.server_key, keys.verify_keys, cfg, n, dim, round_id)
+    used = keys.used_round_ids
+    clients = [
+        protocol.Client(i, keys.client_keys[i], keys.verify_keys, cfg, n, round_id, used_round_ids=used[i])
+        for i in range(n)
+    ]
+    server = protocol.Server(
+        keys.server_key, keys.verify_keys, cfg, n, dim, round_id, used_round_ids=used[messages.SERVER]
+    )
     return keys, clients, server
 
 
@@ -198,7 +204,15 @@ def test_rejects_malformed_replayed_and_forged_messages():
     with pytest.raises(BadSignature):
         server.receive(messages.seal(keys.client_keys[3], header, payload))
     # A message from another round (replay across rounds).
-    old = protocol.Client(1, keys.client_keys[1], keys.verify_keys, clients[1].config, 6, 6).advertise_keys()
+    old = protocol.Client(
+        1,
+        keys.client_keys[1],
+        keys.verify_keys,
+        clients[1].config,
+        6,
+        6,
+        used_round_ids=keys.used_round_ids[1],
+    ).advertise_keys()
     with pytest.raises(ReplayedMessage, match="round 6 replayed in round 7"):
         server.receive(old)
     # Wrong step.

@@ -19,18 +19,25 @@ def _plain_sum(values, survived, bits):
     "n,neighbors,bits", [(2, None, 32), (7, None, 20), (8, None, 32), (12, 4, 24), (11, 3, 9), (16, 6, 32)]
 )
 def test_sum_equals_plain_sum_under_dropout(n, neighbors, bits):
-    cfg = SecAggConfig(
-        num_neighbors=neighbors, bits=bits, frac_bits=0, clip_range=1.0, weight_bits=0, threshold=1
-    )
-    fn = jax.jit(lambda v, s, k: simulation.masked_ring_sum(v, s, k, cfg, bits))
+    # The masking arithmetic alone, ungated by the threshold (heavy dropouts would abort).
+    cfg = SecAggConfig(num_neighbors=neighbors, bits=bits, frac_bits=0, clip_range=1.0, weight_bits=0)
+
+    @jax.jit
+    def fn(values, survived, key):
+        masks = simulation.make_masks(survived, values.shape[1], key, cfg, bits)
+        return simulation.unmask_sum(simulation.mask_inputs(values, masks, bits), survived, masks, bits)
+
+    gated = jax.jit(lambda v, s, k: simulation.masked_ring_sum(v, s, k, cfg, bits))
     root = jax.random.key(n * 100 + bits)
     for trial in range(4):
         kv, ks, km = jax.random.split(jax.random.fold_in(root, trial), 3)
         values = jax.random.bits(kv, (n, 37), jnp.uint32) & encoding.ring_mask(bits)
         survived = jax.random.uniform(ks, (n,), jnp.float32) >= 0.3 * (trial % 3)
-        total, aborted = fn(values, survived, km)
-        assert not bool(aborted)
-        np.testing.assert_array_equal(np.asarray(total), np.asarray(_plain_sum(values, survived, bits)))
+        plain = np.asarray(_plain_sum(values, survived, bits))
+        np.testing.assert_array_equal(np.asarray(fn(values, survived, jax.random.clone(km))), plain)
+        # The gated sum (default threshold): the same, or zeros when it aborts.
+        total, aborted = gated(values, survived, km)
+        np.testing.assert_array_equal(np.asarray(total), 0 * plain if bool(aborted) else plain)
 
 
 def test_pairwise_masks_cancel():
