@@ -394,6 +394,15 @@ class _Mismatch(Exception):
     """A value does not have the annotated type (internal; becomes a ConfigError)."""
 
 
+# scalar annotation -> (which values it accepts, how they are stored): an int is a number
+_SCALARS = {
+    bool: (lambda v: isinstance(v, bool), lambda v: v),
+    int: (_is_int, lambda v: v),
+    float: (_is_number, float),
+    str: (lambda v: isinstance(v, str), lambda v: v),
+}
+
+
 def _typed(kind, value, key: str):
     """``value`` as a value of annotated type ``kind`` (ints become floats where a float is
     expected, lists tuples, dicts dataclasses); ``_Mismatch`` if it has another type."""
@@ -422,21 +431,10 @@ def _typed(kind, value, key: str):
         if isinstance(value, str | int) and not isinstance(value, bool) and value in args:
             return value
         raise _Mismatch
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if kind is int:
-        if _is_int(value):
-            return value
-        raise _Mismatch
-    if kind is float:
-        if _is_number(value):
-            return float(value)
-        raise _Mismatch
-    if kind is str:
-        if isinstance(value, str):
-            return value
+    if kind in _SCALARS:
+        accepts, convert = _SCALARS[kind]
+        if accepts(value):
+            return convert(value)
         raise _Mismatch
     if origin is tuple:
         if not isinstance(value, tuple | list):
