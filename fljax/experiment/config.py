@@ -257,14 +257,18 @@ class Cohort:
     max_size: int | None = field(None, COUNT)
 
 
-def _dp_type() -> type:
-    """``DP``: every :class:`fljax.privacy.DPConfig` field (``population_size`` and
-    ``cohort_size`` optional: they default to the data's) plus the trainer's three fields."""
-    hints = typing.get_type_hints(privacy.DPConfig)
+TRAINER_PRIVACY_FIELDS = ("budget_epsilon", "reproducible", "release_unnoised_metrics")
+
+
+def _privacy_section(name: str, source: type, from_data: tuple[str, ...]) -> type:
+    """A config section with every field of the library config ``source`` (those in
+    ``from_data`` optional: the trainer fills them from the data and model) plus the trainer's
+    :data:`TRAINER_PRIVACY_FIELDS`."""
+    hints = typing.get_type_hints(source)
     fields = []
-    for f in dataclasses.fields(privacy.DPConfig):
+    for f in dataclasses.fields(source):
         kind, default = hints[f.name], f.default
-        if f.name in ("population_size", "cohort_size"):
+        if f.name in from_data:
             kind, default = int | None, None
         fields.append((f.name, kind) if default is dataclasses.MISSING else (f.name, kind, default))
     fields += [
@@ -272,8 +276,15 @@ def _dp_type() -> type:
         ("reproducible", bool, field(False)),
         ("release_unnoised_metrics", bool, field(False)),
     ]
-    cls = dataclasses.make_dataclass("DP", fields, frozen=True)
+    cls = dataclasses.make_dataclass(name, fields, frozen=True)
     cls.__module__ = __name__
+    return cls
+
+
+def _dp_type() -> type:
+    """``DP``: every :class:`fljax.privacy.DPConfig` field (``population_size`` and
+    ``cohort_size`` optional: they default to the data's) plus the trainer's three fields."""
+    cls = _privacy_section("DP", privacy.DPConfig, ("population_size", "cohort_size"))
     cls.__doc__ = (
         "Client-level DP: the fields of :class:`fljax.privacy.DPConfig` (``population_size`` "
         "and ``cohort_size`` default to the data's population and cohort), and three of the "
@@ -296,6 +307,20 @@ DP = _dp_type()
 keys from the public seed: a labelled simulation, not private; default False: a secret key from
 the operating system) and ``release_unnoised_metrics`` (default False: exact round statistics
 are withheld). The trainer builds the mechanism and its accounting from this one section."""
+
+DistributedDP = _privacy_section(
+    "DistributedDP", privacy.DistributedDPConfig, ("dim", "cohort_size", "population_size")
+)
+DistributedDP.__doc__ = (
+    "Distributed DP: the fields of :class:`fljax.privacy.DistributedDPConfig` (``dim``, "
+    "``cohort_size`` and ``population_size`` default to the model's size, the cohort's and the "
+    "data's) and the trainer's ``budget_epsilon``, ``reproducible`` and "
+    "``release_unnoised_metrics`` (as in ``DP``)."
+)
+"""The ``distributed_dp`` section: the distributed discrete Gaussian (Kairouz, Liu, Steinke 2021):
+each client adds integer noise to its rotated, rounded update before the masked modular sum, so
+the server only ever sees a noised sum. Masking follows the ``secagg`` section (default: the
+complete graph). Excludes ``dp``."""
 
 SecAgg = secagg.SecAggConfig
 """The ``secagg`` section: :class:`fljax.secagg.SecAggConfig` (fixed-point encoding and pairwise
@@ -352,6 +377,7 @@ class Config:
     )
     chunk_size: int | Literal["auto"] | None = field("auto", _chunk)
     dp: DP | None = None  # type: ignore[valid-type]
+    distributed_dp: DistributedDP | None = None  # type: ignore[valid-type]
     secagg: SecAgg | None = None
 
 
@@ -705,6 +731,35 @@ def dp_config(config: Config, population: int) -> privacy.DPConfig | None:
         raise reworded("dp", kwargs, privacy.DPConfig, e) from None
 
 
+def distributed_dp_config(config: Config, population: int, dim: int) -> privacy.DistributedDPConfig | None:
+    """The run's :class:`fljax.privacy.DistributedDPConfig` (None without it); ``dim`` is the
+    model's parameter count, ``cohort_size`` defaults to the cohort's size (Poisson: ``q * N``,
+    all clients otherwise) and ``population_size`` to the data's."""
+    section = config.distributed_dp
+    if section is None:
+        return None
+    kwargs = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+    for extra in TRAINER_PRIVACY_FIELDS:
+        kwargs.pop(extra)
+    cohort = config.cohort
+    defaults = {
+        "dim": dim,
+        "population_size": population,
+        "cohort_size": (round(cohort.q * population) if cohort.sampling == "poisson" else cohort.size)
+        or population,
+    }
+    kwargs |= {k: v for k, v in defaults.items() if kwargs[k] is None}
+    try:
+        return privacy.DistributedDPConfig(**kwargs)
+    except ValueError as e:
+        raise reworded("distributed_dp", kwargs, privacy.DistributedDPConfig, e) from None
+
+
+def privacy_section(config: Config):
+    """The config's privacy section (``dp`` or ``distributed_dp``), or None."""
+    return config.dp if config.dp is not None else config.distributed_dp
+
+
 def validate(config: Config, population: int | None = None) -> None:
     """Check a whole config before any data is loaded (and again, with the ``population``,
     once it is); ``ConfigError`` naming the key, the value and what is allowed.
@@ -716,6 +771,8 @@ def validate(config: Config, population: int | None = None) -> None:
     if not isinstance(config, Config):
         raise bad("config", type(config).__name__, "expected a fljax.experiment.Config")
     check(config)
+    if config.dp is not None and config.distributed_dp is not None:
+        raise bad("distributed_dp", "{...}", "expected None when dp is set (one DP mechanism per run)")
     population = population if population is not None else population_size(config)
     cohort = config.cohort
     if cohort.sampling == "uniform" and cohort.size is None:
@@ -783,6 +840,13 @@ def validate(config: Config, population: int | None = None) -> None:
                 f"expected 'uniform' with size {dp.cohort_size} (dp.sampling='fixed', dp.cohort_size), "
                 "or 'all' to let the dp section decide",
             )
+    ddp = distributed_dp_config(config, population, dim=1) if config.distributed_dp is not None else None
+    if ddp is not None and cohort.sampling == "uniform":
+        raise bad(
+            "cohort.sampling",
+            "uniform",
+            "expected 'all' or 'poisson' with distributed_dp (its accounting assumes Poisson sampling)",
+        )
     if dp is not None and config.dp.budget_epsilon is not None:
         first = privacy.epsilon(dp, 1)
         if first > config.dp.budget_epsilon:

@@ -91,10 +91,12 @@ def build_optimizer(c: cfg.Client) -> optax.GradientTransformation:
     return optax.sgd(c.learning_rate, momentum=c.momentum or None)
 
 
-def build_aggregator(config: Config, dp_config: privacy.DPConfig | None = None):
+def build_aggregator(config: Config, dp_config=None):
     """The round's aggregator, or None for the algorithm's own (example-weighted mean for the
     FedAvg family, uniform mean for SCAFFOLD). With both ``dp`` and ``secagg``, DP runs over the
     secure sum (its weights are in [0, 1]: keep the secagg ``max_weight`` at 1, the default)."""
+    if isinstance(dp_config, privacy.DistributedDPConfig):  # its own masked modular sum
+        return privacy.distributed_dp(dp_config, masking=config.secagg or privacy.distributed.DEFAULT_MASKING)
     secure = secagg.secure_sum(config.secagg) if config.secagg is not None else None
     if dp_config is not None:
         return privacy.dp(dp_config, sum=secure)
@@ -126,7 +128,7 @@ def build_client_states(config: Config, model, params, num_clients: int) -> Clie
     return ClientStates(_scaffold_client(config, model).init(params), num_clients)
 
 
-def build_algorithm(config: Config, model, dp_config: privacy.DPConfig | None = None, num_clients: int = 0):
+def build_algorithm(config: Config, model, dp_config=None, num_clients: int = 0):
     """The :class:`~fljax.base.FederatedAlgorithm` of the config's client and server sections."""
     c, s = config.client, config.server
     agg = build_aggregator(config, dp_config)
@@ -224,13 +226,19 @@ def train(
     """
     run_key = fl_random.run_key(config.seed)
     params = models.init_params(model, train_data.x.shape[1:], fl_random.stream(run_key, "init"))
+    # The DP mechanism's config (central DP, or distributed DP sized to the model) and its ledger.
+    section = cfg.privacy_section(config)
     dp_config = cfg.dp_config(config, train_data.num_clients)
+    if config.distributed_dp is not None:
+        dp_config = cfg.distributed_dp_config(config, train_data.num_clients, dim=models.num_params(params))
     ledger = None
-    if dp_config is not None:
-        ledger = privacy.PrivacyLedger(dp_config, budget_epsilon=config.dp.budget_epsilon)
+    if isinstance(dp_config, privacy.DistributedDPConfig):
+        ledger = privacy.distributed.DistributedLedger(dp_config, budget_epsilon=section.budget_epsilon)
+    elif dp_config is not None:
+        ledger = privacy.PrivacyLedger(dp_config, budget_epsilon=section.budget_epsilon)
     # Under DP the round keys (cohort sampling, noise) come from a secret key unless the config
     # asks for a reproducible simulation: anyone with a public seed could regenerate the noise.
-    secret = dp_config is not None and not config.dp.reproducible
+    secret = dp_config is not None and not section.reproducible
     loop_key = fl_random.secret_key() if secret else None
     algo, update = _compiled_round(config, model, dp_config, train_data.num_clients)
     state = algo.init(params)
@@ -281,8 +289,11 @@ def train(
             break
         rkey = fl_random.round_key(run_key, r) if loop_key is None else jax.random.fold_in(loop_key, r)
         sample_key = fl_random.stream(rkey, "sample")
-        if dp_config is not None:  # sample exactly as the accounting assumes
+        if isinstance(dp_config, privacy.DPConfig):  # sample exactly as the accounting assumes
             ids, mask = privacy.sample_cohort(dp_config, sample_key, num_clients=train_data.num_clients)
+        elif dp_config is not None and dp_config.amplification and dp_config.sampling_probability < 1:
+            q = dp_config.sampling_probability  # distributed DP accounts Poisson sampling at this rate
+            ids, mask = sampling.poisson(sample_key, train_data.num_clients, q)
         else:
             ids, mask = sample_cohort(config.cohort, sample_key, train_data.num_clients)
         cohort = train_data.cohort(
@@ -295,7 +306,7 @@ def train(
             state = states.scatter(cohort, state)
         record = {"round": r + 1, **{k: float(v) for k, v in jax.device_get(m).items()}}
         if ledger is not None:
-            record = _released(record, config.dp)
+            record = _released(record, section)
             record["epsilon"] = ledger.step(1)
         record["round_sec"] = time.perf_counter() - t0
         if eval_fn is not None and ((r + 1) % every == 0 or r + 1 == rounds):
@@ -318,7 +329,7 @@ def train(
         save()
     spent = {"epsilon": float("inf"), "note": "no differential privacy configured"}
     if ledger is not None:
-        spent = ledger.summary() | {"stopped": stopped} | _privacy_labels(config.dp, records)
+        spent = ledger.summary() | {"stopped": stopped} | _privacy_labels(section, records)
     return Trained(state, records, spent)
 
 
@@ -388,7 +399,7 @@ DP_RELEASED = (
 )
 
 
-def _released(record: dict, dp: cfg.DP) -> dict:
+def _released(record: dict, dp) -> dict:
     """A DP round's record as released: the private metrics, and the exact ones only when
     ``dp.release_unnoised_metrics`` (renamed ``unnoised_<name>``), plus the noise's source."""
     out = {k: v for k, v in record.items() if k in DP_RELEASED}
@@ -398,7 +409,7 @@ def _released(record: dict, dp: cfg.DP) -> dict:
     return out
 
 
-def _privacy_labels(dp: cfg.DP, records: list[dict]) -> dict:
+def _privacy_labels(dp, records: list[dict]) -> dict:
     """What a DP run's outputs are: the noise's source and which statistics are not private."""
     withheld = sorted({k for r in records for k in r if k.startswith("unnoised_")})
     return {
@@ -524,7 +535,8 @@ def run_once(
         "name": config.name,
         "rounds": config.rounds,
         "final": records[-1] if records else {},
-        "privacy": trained.privacy | {"secure_aggregation": config.secagg is not None},
+        "privacy": trained.privacy
+        | {"secure_aggregation": config.secagg is not None or config.distributed_dp is not None},
     }
     if data.report is not None:
         summary["partition"] = data.report
@@ -547,7 +559,11 @@ def _without_privacy(config: Config, population: int) -> Config:
         cohort = cfg.Cohort() if q >= 1 else cfg.Cohort(sampling="poisson", q=q, max_size=None)
     elif dp is not None:
         cohort = cfg.Cohort(sampling="uniform", size=dp.cohort_size)
-    return dataclasses.replace(config, cohort=cohort, dp=None, secagg=None)
+    if config.distributed_dp is not None and config.cohort.sampling == "all":
+        section = config.distributed_dp  # distributed DP samples Poisson at cohort_size / population
+        size = section.cohort_size or population
+        cohort = cfg.Cohort() if size >= population else cfg.Cohort(sampling="poisson", q=size / population)
+    return dataclasses.replace(config, cohort=cohort, dp=None, distributed_dp=None, secagg=None)
 
 
 def _baselines(config: Config, data: data_lib.Prepared, model, names, records, progress) -> dict:
@@ -555,7 +571,7 @@ def _baselines(config: Config, data: data_lib.Prepared, model, names, records, p
     under the federated model and under each baseline. Baselines are non-private: they show
     what a client gives up or gains by federating."""
     train_data, test_data = data.train, data.test
-    alone = dataclasses.replace(config, cohort=cfg.Cohort(), dp=None, secagg=None)
+    alone = dataclasses.replace(config, cohort=cfg.Cohort(), dp=None, distributed_dp=None, secagg=None)
 
     def scores(params, population_test):
         if population_test is not None:

@@ -10,7 +10,18 @@ import optax
 import pytest
 
 from fljax import client, losses
-from fljax.algorithms import fedavg, fedavgm, fedopt, fedprox, fedsgd, scaffold
+from fljax.algorithms import (
+    fedavg,
+    fedavgm,
+    feddyn,
+    fednova,
+    fedopt,
+    fedprox,
+    fedsgd,
+    mimelite,
+    qffl,
+    scaffold,
+)
 from fljax.data import ClientStates
 from tests import helpers
 
@@ -30,6 +41,14 @@ ALGORITHMS = {
     ),
     "fedsgd": lambda: fedsgd.fedsgd(fedsgd.gradient_client(helpers.model()), learning_rate=0.5),
     "scaffold": lambda: scaffold.scaffold(_scaffold_client(), population_size=len(POP_SIZES)),
+    "fednova": lambda: fednova.fednova(
+        fednova.fednova_client(helpers.model(), 0.1, batch_size=4, momentum=0.5)
+    ),
+    "qffl": lambda: qffl.qffl(qffl.qffl_client(helpers.model(), 0.1, q=1.0, batch_size=4)),
+    "feddyn": lambda: feddyn.feddyn(_feddyn_client(), population_size=len(POP_SIZES)),
+    "mimelite": lambda: mimelite.mimelite(
+        mimelite.mimelite_client(helpers.model(), optax.sgd(0.1, momentum=0.9), batch_size=4)
+    ),
 }
 
 
@@ -37,8 +56,12 @@ def _scaffold_client():
     return scaffold.scaffold_client(helpers.model(), 0.1, batch_size=4)
 
 
+def _feddyn_client():
+    return feddyn.feddyn_client(helpers.model(), optax.sgd(0.1), alpha=0.1, batch_size=4)
+
+
 # Algorithms whose clients keep state: their cohorts carry it (fljax.data.ClientStates).
-STATEFUL = {"scaffold": _scaffold_client}
+STATEFUL = {"scaffold": _scaffold_client, "feddyn": _feddyn_client}
 
 POP_SIZES = [6, 3, 9, 5]
 
@@ -194,6 +217,10 @@ def test_one_shape_and_performance_given_once(name):
         "fedprox": fedprox.fedprox,
         "fedsgd": fedsgd.fedsgd,
         "scaffold": scaffold.scaffold,
+        "fednova": fednova.fednova,
+        "qffl": qffl.qffl,
+        "feddyn": feddyn.feddyn,
+        "mimelite": mimelite.mimelite,
     }[name]
     params = list(inspect.signature(factory).parameters.values())
     assert params[0].name == "client_update"

@@ -87,3 +87,44 @@ def test_simulated_noise_cohort_runs_through_the_trainer(tmp_path):
     )
     assert summary["privacy"]["simulated_noise_cohort"] is True
     assert all(r["dp_simulated_noise_cohort"] == 1 for r in rows)
+
+
+def test_distributed_dp_runs_through_the_trainer_on_the_private_main_job(tmp_path):
+    argv = [
+        "--config",
+        str(runner.CONFIGS / "heart_disease_private.py"),
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    ]
+    sets = [
+        *TINY,
+        "dp=None",
+        "distributed_dp={'clip_norm': 0.1, 'noise_multiplier': 1.0, 'bits': 16, 'delta': 1e-5}",
+    ]
+    for item in sets:
+        argv += ["--set", item]
+    summary = runner.main(argv)
+    privacy_ = summary["privacy"]
+    assert privacy_["mechanism"] == "distributed_discrete_gaussian" and privacy_["secure_aggregation"]
+    assert 0 < privacy_["epsilon"] < float("inf") and privacy_["noise"].startswith("secret")
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2] and rows[0]["epsilon"] < rows[1]["epsilon"]
+    assert not {"num_clients", "client_train_loss_weighted_mean"} & set(rows[0])
+    # the accounting is the distributed mechanism's, for the model's size and the 4 hospitals
+    stored = runner.experiment.config.from_dict(
+        runner.experiment.Config, json.loads((tmp_path / "config.json").read_text())
+    )
+    built = runner.experiment.config.distributed_dp_config(stored, 4, dim=29 * 32 + 32 + 32 * 2 + 2)
+    assert privacy_["epsilon"] == pytest.approx(privacy.distributed.epsilon(built, 2))
+
+
+def test_one_dp_mechanism_per_run():
+    from fljax import experiment
+
+    both = experiment.Config(
+        dp=experiment.DP(clip_norm=1.0, noise_multiplier=1.0),
+        distributed_dp=experiment.config.DistributedDP(clip_norm=1.0, noise_multiplier=1.0),
+    )
+    with pytest.raises(experiment.ConfigError, match="distributed_dp=.*expected None when dp is set"):
+        experiment.config.validate(both)

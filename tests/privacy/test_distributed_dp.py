@@ -1,0 +1,298 @@
+"""Distributed discrete Gaussian: sampler statistics, rotation, rounding, accounting, mechanism."""
+
+import math
+
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.stats
+from dp_accounting.rdp import rdp_privacy_accountant
+
+from fljax import privacy
+from fljax.algorithms import fedavg
+from fljax.privacy import discrete, distributed
+from tests import helpers
+
+
+def _cfg(**kw):
+    base = dict(clip_norm=1.0, noise_multiplier=1.0, dim=1000, cohort_size=100, population_size=10_000)
+    base.update(kw)
+    return distributed.DistributedDPConfig(**base)
+
+
+def _gaussian_epsilon(z, rounds, delta, orders, q=1.0):
+    acc = dp_accounting.rdp.RdpAccountant(orders=list(orders))
+    event = dp_accounting.GaussianDpEvent(z)
+    if q < 1:
+        event = dp_accounting.PoissonSampledDpEvent(q, event)
+    acc.compose(event, rounds)
+    return acc.get_epsilon(delta)
+
+
+# --- sampler ---------------------------------------------------------------------------------
+
+
+def _pmf(sigma, support):
+    x = np.arange(-support, support + 1)
+    p = np.exp(-(x.astype(np.float64) ** 2) / (2 * sigma**2))
+    return x, p / p.sum()
+
+
+@pytest.mark.parametrize("sigma", [0.8, 3.0, 20.0])
+def test_discrete_gaussian_matches_exact_pmf_and_rejects_wrong_scales(sigma):
+    n = 200_000
+    samples = np.asarray(jax.jit(lambda k: discrete.discrete_gaussian(k, (n,), sigma))(jax.random.key(0)))
+    assert samples.dtype == np.int32
+
+    def chi2_pvalue(scale):
+        support = int(math.ceil(12 * max(sigma, scale))) + 1
+        x, p = _pmf(scale, support)
+        # bins: every integer with expected count >= 20, the rest lumped into two tails
+        inner = n * p >= 20
+        lo, hi = x[inner].min(), x[inner].max()
+        counts = np.array([np.sum(samples < lo)] + [np.sum(samples == v) for v in range(lo, hi + 1)])
+        counts = np.append(counts, np.sum(samples > hi))
+        expected = n * np.concatenate([[p[x < lo].sum()], p[(x >= lo) & (x <= hi)], [p[x > hi].sum()]])
+        keep = expected > 0
+        extra = counts[~keep].sum()
+        assert extra == 0, f"samples outside the support at scale {scale}"
+        return scipy.stats.chisquare(
+            counts[keep], expected[keep] * counts.sum() / expected[keep].sum()
+        ).pvalue
+
+    assert chi2_pvalue(sigma) > 1e-3
+    assert chi2_pvalue(0.67 * sigma) < 1e-8
+    assert chi2_pvalue(1.5 * sigma) < 1e-8
+
+
+def test_discrete_gaussian_zero_sigma_and_keys():
+    assert not np.any(np.asarray(discrete.discrete_gaussian(jax.random.key(0), (5,), 0.0)))
+    a = discrete.discrete_gaussian(jax.random.key(1), (1000,), 4.0)
+    b = discrete.discrete_gaussian(jax.random.key(1), (1000,), 4.0)
+    c = discrete.discrete_gaussian(jax.random.key(2), (1000,), 4.0)
+    np.testing.assert_array_equal(a, b)
+    assert np.any(np.asarray(a) != np.asarray(c))
+
+
+# --- rotation and rounding ---------------------------------------------------------------------
+
+
+def test_hadamard_is_the_normalised_walsh_hadamard_matrix():
+    d = 16
+    x = jax.random.normal(jax.random.key(0), (3, d), jnp.float32)
+    expected = np.asarray(x) @ scipy.linalg.hadamard(d).T / math.sqrt(d)
+    np.testing.assert_allclose(discrete.hadamard(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rotation_keeps_norms_and_inverts():
+    x = jax.random.normal(jax.random.key(0), (4, 83), jnp.float32)
+    signs = discrete.random_signs(jax.random.key(1), discrete.padded_dim(83))
+    y = discrete.rotate(x, signs)
+    assert y.shape == (4, 128)
+    np.testing.assert_allclose(jnp.linalg.norm(y, axis=1), jnp.linalg.norm(x, axis=1), rtol=1e-5)
+    np.testing.assert_allclose(discrete.unrotate(y, signs, 83), x, atol=1e-5)
+
+
+def test_conditional_rounding_respects_the_bound_and_is_unbiased():
+    cfg = _cfg(dim=64, gamma=0.05, noise_multiplier=0.0)
+    x = jax.random.normal(jax.random.key(0), (64,), jnp.float32)
+    y = x / jnp.linalg.norm(x) * jnp.float32(cfg.clip_norm / cfg.gamma_value)  # norm exactly c
+    bound_sq = cfg.rounded_l2_bound**2
+    keys = jax.random.split(jax.random.key(1), 4000)
+    q, tries, fell_back = jax.jit(jax.vmap(lambda k: discrete.conditional_round(y, bound_sq, k, 8)))(keys)
+    norms_sq = np.sum(np.asarray(q, np.float64) ** 2, axis=1)
+    assert np.all(norms_sq <= bound_sq)
+    assert np.all(np.abs(np.asarray(q) - np.asarray(y)) < 1)
+    assert not np.any(np.asarray(fell_back))
+    # the conditioning rejects rarely (probability <= beta), so the mean stays close to y
+    assert float(jnp.mean(tries.astype(jnp.float32))) < 1 / (1 - cfg.beta)
+    np.testing.assert_allclose(np.mean(np.asarray(q, np.float64), axis=0), y, atol=0.06)
+
+
+def test_conditional_rounding_falls_back_towards_zero():
+    y = jnp.array([2.5, -3.5, 0.5], jnp.float32)
+    q, tries, fell_back = discrete.conditional_round(y, 0.5, jax.random.key(0), 3)
+    assert bool(fell_back) and int(tries) == 3
+    assert q.tolist() == [2, -3, 0]
+
+
+# --- accounting ------------------------------------------------------------------------------
+
+
+def test_epsilon_converges_to_the_continuous_gaussian_as_gamma_shrinks():
+    """(a) gamma -> 0: rounding slack and tau vanish, epsilon -> the Gaussian's (no sampling)."""
+    orders = distributed.accounting_orders(_cfg(amplification=False))
+    cfg0 = _cfg(amplification=False)
+    target = _gaussian_epsilon(1.0, 10, cfg0.target_delta, orders)
+    gaps = []
+    for gamma in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5):
+        eps = distributed.epsilon(_cfg(amplification=False, gamma=gamma), 10)
+        assert eps >= target * (1 - 1e-12)  # never below the continuous Gaussian
+        gaps.append(eps / target - 1)
+    assert all(a > b for a, b in zip(gaps, gaps[1:], strict=False))
+    assert gaps[-1] < 1e-4
+
+
+def test_epsilon_converges_with_more_bits():
+    cfg = _cfg(amplification=False)
+    target = _gaussian_epsilon(1.0, 10, cfg.target_delta, distributed.accounting_orders(cfg))
+    eps = [distributed.epsilon(_cfg(amplification=False, bits=b), 10) for b in (12, 16, 20)]
+    assert eps[0] > eps[1] > eps[2] > target and eps[2] / target - 1 < 1e-3
+
+
+def test_one_client_is_the_discrete_gaussian_of_canonne_kamath_steinke():
+    """(b) n = 1: tau = 0 and the RDP is exactly alpha Delta^2 / (2 sigma^2), the discrete
+    Gaussian's (Canonne, Kamath, Steinke 2020, stated as 1/2 (Delta/sigma)^2-concentrated DP)."""
+    cfg = _cfg(cohort_size=1, amplification=False, gamma=0.01)
+    assert cfg.tau == 0.0
+    z_eff = cfg.noise_multiplier * cfg.clip_norm / cfg.sensitivity
+    orders = distributed.accounting_orders(cfg)
+    expected = _gaussian_epsilon(z_eff, 5, cfg.target_delta, orders)
+    assert distributed.epsilon(cfg, 5) == pytest.approx(expected, rel=1e-9)
+
+
+def test_tau_and_rounded_norm_follow_the_paper():
+    """Theorem 1's rounded-norm bound and the tau of the sum of discrete Gaussians, by hand."""
+    cfg = _cfg(cohort_size=3, population_size=100, dim=16, gamma=0.25, noise_multiplier=0.6)
+    s = 0.6 / math.sqrt(3) / 0.25
+    assert cfg.local_sigma == pytest.approx(s)
+    expected_tau = 10 * (math.exp(-2 * math.pi**2 * s**2 / 2) + math.exp(-2 * math.pi**2 * s**2 * 2 / 3))
+    assert cfg.tau == pytest.approx(expected_tau, rel=1e-12)
+    c, d, b = 4.0, 16, math.exp(-0.5)
+    tight = math.sqrt(c**2 + d / 4 + math.sqrt(2 * math.log(1 / b)) * (c + math.sqrt(d) / 2))
+    assert cfg.rounded_l2_bound == pytest.approx(min(c + math.sqrt(d), tight))
+    assert cfg.replace(beta=0.0).rounded_l2_bound == pytest.approx(c + math.sqrt(d))
+    # tau > 0 costs privacy: epsilon above the continuous Gaussian with the rounded sensitivity
+    z_eff = 0.6 * 1.0 / cfg.sensitivity
+    orders = distributed.accounting_orders(cfg.replace(amplification=False))
+    plain = _gaussian_epsilon(z_eff, 1, cfg.target_delta, orders)
+    assert distributed.epsilon(cfg.replace(amplification=False), 1) > plain
+
+
+def test_subsampled_bound_is_an_upper_bound_close_to_the_exact_gaussian():
+    """Zhu-Wang's Theorem 5 on a Gaussian base: above dp_accounting's exact subsampled RDP."""
+    z, q = 1.0, 0.01
+    orders = np.array(distributed.SUBSAMPLED_ORDERS)
+    ours = distributed.poisson_subsampled_rdp(lambda a: a / (2 * z * z), q, orders)
+    exact = dp_accounting.rdp.RdpAccountant(orders=list(map(float, orders)))
+    exact.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), 1)
+    assert np.all(ours >= np.asarray(exact._rdp) * (1 - 1e-9))
+    eps_ours, _ = rdp_privacy_accountant.compute_epsilon(orders, 100 * ours, 1e-5)
+    eps_exact = _gaussian_epsilon(z, 100, 1e-5, orders, q=q)
+    assert eps_exact <= eps_ours <= 1.3 * eps_exact
+    # the mechanism's epsilon with amplification, gamma small: close to the sampled Gaussian
+    cfg = _cfg(gamma=1e-5, delta=1e-5)
+    assert eps_exact <= distributed.epsilon(cfg, 100) <= 1.3 * eps_exact
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="1/2"):
+        _cfg(gamma=1.0, noise_multiplier=0.1)
+    with pytest.raises(ValueError, match="bits"):
+        _cfg(bits=1)
+    with pytest.raises(ValueError, match="cannot hold"):
+        _cfg(bits=3, cohort_size=100, k_stddevs=4.0).gamma_value  # noqa: B018
+    assert distributed.epsilon(_cfg(noise_multiplier=0.0, gamma=0.01), 3) == math.inf
+    assert distributed.epsilon(_cfg(), 0) == 0.0
+
+
+# --- the mechanism ---------------------------------------------------------------------------
+
+
+def _updates(key, n, d, scale=0.5):
+    return {"w": scale * jax.random.normal(key, (n, d), jnp.float32) / math.sqrt(d)}
+
+
+def _clipped_sum(deltas, weights, c):
+    x = np.asarray(deltas["w"], np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    x = x * np.minimum(1.0, c / np.maximum(norms, 1e-30))
+    return np.sum(x * (np.asarray(weights) > 0)[:, None], axis=0)
+
+
+def _aggregate(cfg, deltas, weights, key, masking=distributed.DEFAULT_MASKING):
+    agg = distributed.distributed_dp(cfg, masking=masking)
+    template = jax.tree.map(lambda x: x[0], deltas)
+    return jax.jit(agg.aggregate)(agg.init(template), deltas, weights, key)
+
+
+def test_noiseless_decoded_sum_is_within_the_rounding_bound():
+    """(c) without noise the error is the rounding only: <= n gamma sqrt(d') in L2 norm, no wrap."""
+    n, d = 6, 100
+    cfg = _cfg(dim=d, cohort_size=n, population_size=100, noise_multiplier=0.0, gamma=1e-3, bits=16)
+    deltas = _updates(jax.random.key(0), n, d, scale=2.0)  # some clipped
+    weights = jnp.array([1.0, 1.0, 1.0, 1.0, 1.0, 0.0], jnp.float32)
+    _, mean, metrics = _aggregate(cfg, deltas, weights, jax.random.key(1))
+    err = np.asarray(mean["w"], np.float64) * n - _clipped_sum(deltas, weights, 1.0)
+    assert np.linalg.norm(err) <= 5 * cfg.gamma_value * math.sqrt(cfg.padded_dim) + 1e-5
+    assert int(metrics["dp_wrapped_coordinates"]) == 0 and int(metrics["num_clients"]) == 5
+    assert int(metrics["dp_noise_shortfall"]) == 1  # 5 real clients < cohort_size 6
+
+
+def test_noised_decoded_sum_error_matches_the_noise_and_masks_cancel():
+    """(c) with noise: the error's per-coordinate variance is the noise's (plus rounding), no
+    modular wrap at the configured bits, and the masked sum equals the plain modular sum."""
+    n, d = 8, 1000
+    cfg = _cfg(dim=d, cohort_size=n, population_size=1000, bits=16)
+    deltas = _updates(jax.random.key(0), n, d)
+    weights = jnp.ones((n,), jnp.float32)
+    key = jax.random.key(1)
+    _, mean, metrics = _aggregate(cfg, deltas, weights, key)
+    _, plain, _ = _aggregate(cfg, deltas, weights, key, masking=None)
+    np.testing.assert_array_equal(mean["w"], plain["w"])
+    err = np.asarray(mean["w"], np.float64) * n - _clipped_sum(deltas, weights, 1.0)
+    var = np.mean(err**2)
+    noise_var = n * (cfg.gamma_value * cfg.local_sigma) ** 2  # = (z C)^2
+    assert 0.85 * noise_var <= var <= 1.15 * (noise_var + n * cfg.gamma_value**2 / 4)
+    assert int(metrics["dp_wrapped_coordinates"]) == 0 and int(metrics["aborted"]) == 0
+    assert float(metrics["dp_noise_std"]) == pytest.approx(math.sqrt(noise_var), rel=1e-4)
+
+
+def test_too_few_bits_wrap_and_are_reported():
+    n, d = 8, 64
+    cfg = _cfg(dim=d, cohort_size=n, population_size=1000, bits=6, gamma=0.01, noise_multiplier=0.5)
+    deltas = _updates(jax.random.key(0), n, d, scale=1.0)
+    _, _, metrics = _aggregate(cfg, deltas, jnp.ones((n,), jnp.float32), jax.random.key(1))
+    assert int(metrics["dp_wrapped_coordinates"]) > 0
+
+
+def test_nonfinite_client_contributes_zero_and_dim_is_checked():
+    n, d = 4, 10
+    cfg = _cfg(dim=d, cohort_size=n, population_size=100, noise_multiplier=0.0, gamma=1e-4)
+    deltas = _updates(jax.random.key(0), n, d)
+    bad = {"w": deltas["w"].at[3, 0].set(jnp.nan)}
+    weights = jnp.ones((n,), jnp.float32)
+    _, mean, metrics = _aggregate(cfg, bad, weights, jax.random.key(1))
+    ref = _clipped_sum(deltas, jnp.array([1.0, 1.0, 1.0, 0.0]), 1.0) / n
+    np.testing.assert_allclose(mean["w"], ref, atol=3 * cfg.gamma_value * math.sqrt(16) / n)
+    assert int(metrics["num_nonfinite"]) == 1 and int(metrics["num_clients"]) == 3
+    with pytest.raises(ValueError, match="config.dim"):
+        _aggregate(cfg.replace(dim=11), deltas, weights, jax.random.key(2))
+
+
+def test_runs_inside_fedavg_and_padding_changes_nothing():
+    """(d) a few jitted FedAvg rounds; padding slots leave the result bit for bit unchanged."""
+    data = helpers.population([5, 7, 6, 4, 8, 5])
+    params = helpers.params()
+    dim = sum(x.size for x in jax.tree.leaves(params))
+    cfg = _cfg(dim=dim, cohort_size=3, population_size=6, noise_multiplier=0.8, bits=20)
+    algo = fedavg.fedavg(helpers.local_sgd(), aggregator=privacy.distributed_dp(cfg))
+    step = jax.jit(algo.update)
+    states = []
+    for ids in ([0, 2, 4], [0, 2, 4, -1, -1]):
+        state = algo.init(params)
+        for r in range(3):
+            state, metrics = step(state, data.cohort(ids, num_examples=8), jax.random.key(10 + r))
+            assert int(metrics["dp_wrapped_coordinates"]) == 0
+            assert int(metrics["num_clients"]) == 3 and int(metrics["dp_noise_shortfall"]) == 0
+        states.append(state)
+    helpers.assert_trees_equal(states[0].params, states[1].params)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(states[0].params))
+
+
+def test_summary_reports_the_mechanism():
+    s = distributed.summary(_cfg(), 10)
+    assert s["unit_of_privacy"] == "client" and s["epsilon"] > 0 and s["sensitivity"] >= 1.0
