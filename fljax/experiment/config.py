@@ -230,7 +230,11 @@ class Client:
     weighting: Literal["num_examples", "uniform"] = "num_examples"
 
 
-ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "fedsgd", "scaffold", "fedadam", "fedyogi", "fedadagrad")
+ALGORITHMS = (
+    "fedavg", "fedavgm", "fedprox", "fedsgd", "scaffold", "fedadam", "fedyogi", "fedadagrad",
+    "fednova", "qffl", "feddyn", "mimelite",
+)  # fmt: skip
+SGD_ONLY = ("scaffold", "fednova", "qffl")  # their local steps are plain SGD (FedNova: with momentum)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,12 +242,15 @@ class Server:
     """The algorithm and its server-side hyperparameters (each used only by its algorithms)."""
 
     algorithm: Literal[
-        "fedavg", "fedavgm", "fedprox", "fedsgd", "scaffold", "fedadam", "fedyogi", "fedadagrad"
-    ] = "fedavg"
+        "fedavg", "fedavgm", "fedprox", "fedsgd", "scaffold", "fedadam", "fedyogi", "fedadagrad",
+        "fednova", "qffl", "feddyn", "mimelite",
+    ] = "fedavg"  # fmt: skip
     learning_rate: float = field(1.0, POSITIVE)
     momentum: float = field(0.9, MOMENTUM, doc="fedavgm")
     mu: float = field(0.01, NONNEGATIVE, doc="fedprox: proximal weight")
     tau: float = field(1e-3, POSITIVE, doc="fedadam/fedyogi/fedadagrad: adaptivity")
+    q: float = field(1.0, NONNEGATIVE, doc="qffl: fairness exponent (0: FedAvg with uniform weights)")
+    alpha: float = field(0.01, POSITIVE, doc="feddyn: dynamic regularisation weight")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -783,18 +790,19 @@ def validate(config: Config, population: int | None = None) -> None:
         raise ConfigError(
             "cohort.q: missing (needed by cohort.sampling='poisson'); expected --set cohort.q=..."
         )
-    if config.server.algorithm == "scaffold":
+    algorithm = config.server.algorithm
+    if algorithm in SGD_ONLY:
         if config.client.optimizer != "sgd":
             raise bad(
                 "client.optimizer",
                 config.client.optimizer,
-                "expected 'sgd' with scaffold (its local steps are SGD)",
+                f"expected 'sgd' with {algorithm} (its local steps are SGD)",
             )
-        if config.client.momentum:
+        if config.client.momentum and algorithm != "fednova":
             raise bad(
                 "client.momentum",
                 config.client.momentum,
-                "expected 0 or None with scaffold (its local steps are SGD)",
+                f"expected 0 or None with {algorithm} (its local steps are SGD)",
             )
     data = config.data
     if (

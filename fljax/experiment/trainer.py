@@ -49,7 +49,18 @@ import optax
 
 from fljax import aggregators, checkpoint, client, evaluation, models, privacy, secagg
 from fljax import random as fl_random
-from fljax.algorithms import fedavg, fedavgm, fedopt, fedprox, fedsgd, scaffold
+from fljax.algorithms import (
+    fedavg,
+    fedavgm,
+    feddyn,
+    fednova,
+    fedopt,
+    fedprox,
+    fedsgd,
+    mimelite,
+    qffl,
+    scaffold,
+)
 from fljax.base import Performance
 from fljax.data import ClientStates, FederatedData, sampling
 from fljax.experiment import config as cfg
@@ -121,11 +132,18 @@ def _scaffold_client(config: Config, model):
     return scaffold.scaffold_client(model, config.client.learning_rate, **_local_options(config.client))
 
 
+def _feddyn_client(config: Config, model):
+    return feddyn.feddyn_client(
+        model, build_optimizer(config.client), alpha=config.server.alpha, **_local_options(config.client)
+    )
+
+
 def build_client_states(config: Config, model, params, num_clients: int) -> ClientStates | None:
     """The population's client states (host memory) for a stateful algorithm, else None."""
-    if config.server.algorithm != "scaffold":
+    stateful = {"scaffold": _scaffold_client, "feddyn": _feddyn_client}.get(config.server.algorithm)
+    if stateful is None:
         return None
-    return ClientStates(_scaffold_client(config, model).init(params), num_clients)
+    return ClientStates(stateful(config, model).init(params), num_clients)
 
 
 def build_algorithm(config: Config, model, dp_config=None, num_clients: int = 0):
@@ -146,6 +164,25 @@ def build_algorithm(config: Config, model, dp_config=None, num_clients: int = 0)
         algo = fedavg.fedavg(local(), server_learning_rate=lr, aggregator=agg)
     elif name == "fedavgm":
         algo = fedavgm.fedavgm(local(), server_learning_rate=lr, server_momentum=s.momentum, aggregator=agg)
+    elif name == "fednova":
+        update = fednova.fednova_client(model, c.learning_rate, momentum=c.momentum or 0.0, **options)
+        algo = fednova.fednova(update, server_learning_rate=lr, aggregator=agg)
+    elif name == "qffl":
+        update = qffl.qffl_client(
+            model,
+            c.learning_rate,
+            q=s.q,
+            batch_size=c.batch_size,
+            num_epochs=c.num_epochs,
+            max_steps=c.max_steps,
+        )
+        algo = qffl.qffl(update, aggregator=agg)
+    elif name == "feddyn":
+        algo = feddyn.feddyn(_feddyn_client(config, model), population_size=num_clients, aggregator=agg)
+    elif name == "mimelite":
+        algo = mimelite.mimelite(
+            mimelite.mimelite_client(model, opt, **options), server_learning_rate=lr, aggregator=agg
+        )
     elif name == "scaffold":
         algo = scaffold.scaffold(
             _scaffold_client(config, model),
