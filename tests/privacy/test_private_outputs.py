@@ -128,3 +128,14 @@ def test_one_dp_mechanism_per_run():
     )
     with pytest.raises(experiment.ConfigError, match="distributed_dp=.*expected None when dp is set"):
         experiment.config.validate(both)
+
+
+def test_golden_values_of_pinned_dp_accounting():
+    # Poisson q = 100/3400, 1,500 rounds, z = 1.0, delta = 1/3400 (values from dp-accounting 0.4.4+)
+    cfg = privacy.DPConfig(
+        clip_norm=1.0, noise_multiplier=1.0, population_size=3400, cohort_size=100, delta=1 / 3400
+    )
+    assert privacy.epsilon(cfg, 1500, accountant="rdp") == pytest.approx(6.697, abs=5e-4)
+    assert privacy.epsilon(cfg, 1500, accountant="pld") == pytest.approx(5.968, abs=1e-3)  # PLD grid
+    z = privacy.calibrate_noise_multiplier(cfg, target_epsilon=10.0, rounds=1500)
+    assert z == pytest.approx(0.8331, abs=5e-4)
