@@ -329,6 +329,18 @@ each client adds integer noise to its rotated, rounded update before the masked 
 the server only ever sees a noised sum. Masking follows the ``secagg`` section (default: the
 complete graph). Excludes ``dp``."""
 
+DPFTRL = _privacy_section("DPFTRL", privacy.MFConfig, ("total_rounds", "cohort_size", "population_size"))
+DPFTRL.__doc__ = (
+    "DP-FTRL / matrix-factorization DP: the fields of :class:`fljax.privacy.MFConfig` "
+    "(``total_rounds``, ``cohort_size`` and ``population_size`` default to the run's rounds, the "
+    "cohort's size and the data's population) and the trainer's ``budget_epsilon``, "
+    "``reproducible`` and ``release_unnoised_metrics`` (as in ``DP``)."
+)
+"""The ``dp_ftrl`` section: correlated noise from a banded, BLT or independent matrix
+factorization (``jax_privacy``), no sampling amplification: cohorts follow a cyclic schedule in
+which a client takes part at most every ``population_size // cohort_size`` rounds. Excludes
+``dp`` and ``distributed_dp``."""
+
 SecAgg = secagg.SecAggConfig
 """The ``secagg`` section: :class:`fljax.secagg.SecAggConfig` (fixed-point encoding and pairwise
 masking, simulated inside the jitted round); with ``dp``, DP runs over the secure sum."""
@@ -385,6 +397,7 @@ class Config:
     chunk_size: int | Literal["auto"] | None = field("auto", _chunk)
     dp: DP | None = None  # type: ignore[valid-type]
     distributed_dp: DistributedDP | None = None  # type: ignore[valid-type]
+    dp_ftrl: DPFTRL | None = None  # type: ignore[valid-type]
     secagg: SecAgg | None = None
 
 
@@ -762,9 +775,34 @@ def distributed_dp_config(config: Config, population: int, dim: int) -> privacy.
         raise reworded("distributed_dp", kwargs, privacy.DistributedDPConfig, e) from None
 
 
+def dp_ftrl_config(config: Config, population: int) -> privacy.MFConfig | None:
+    """The run's :class:`fljax.privacy.MFConfig` (None without it): ``total_rounds`` defaults to
+    ``config.rounds``, ``cohort_size`` to the cohort's size (all clients without one) and
+    ``population_size`` to the data's."""
+    section = config.dp_ftrl
+    if section is None:
+        return None
+    kwargs = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+    for extra in TRAINER_PRIVACY_FIELDS:
+        kwargs.pop(extra)
+    defaults = {
+        "total_rounds": config.rounds,
+        "population_size": population,
+        "cohort_size": config.cohort.size or population,
+    }
+    kwargs |= {k: v for k, v in defaults.items() if kwargs[k] is None}
+    try:
+        return privacy.MFConfig(**kwargs)
+    except ValueError as e:
+        raise reworded("dp_ftrl", kwargs, privacy.MFConfig, e) from None
+
+
+PRIVACY_SECTIONS = ("dp", "distributed_dp", "dp_ftrl")
+
+
 def privacy_section(config: Config):
-    """The config's privacy section (``dp`` or ``distributed_dp``), or None."""
-    return config.dp if config.dp is not None else config.distributed_dp
+    """The config's privacy section (``dp``, ``distributed_dp`` or ``dp_ftrl``), or None."""
+    return next((getattr(config, n) for n in PRIVACY_SECTIONS if getattr(config, n) is not None), None)
 
 
 def validate(config: Config, population: int | None = None) -> None:
@@ -778,8 +816,9 @@ def validate(config: Config, population: int | None = None) -> None:
     if not isinstance(config, Config):
         raise bad("config", type(config).__name__, "expected a fljax.experiment.Config")
     check(config)
-    if config.dp is not None and config.distributed_dp is not None:
-        raise bad("distributed_dp", "{...}", "expected None when dp is set (one DP mechanism per run)")
+    present = [n for n in PRIVACY_SECTIONS if getattr(config, n) is not None]
+    if len(present) > 1:
+        raise bad(present[1], "{...}", f"expected None when {present[0]} is set (one DP mechanism per run)")
     population = population if population is not None else population_size(config)
     cohort = config.cohort
     if cohort.sampling == "uniform" and cohort.size is None:
@@ -855,6 +894,20 @@ def validate(config: Config, population: int | None = None) -> None:
             "uniform",
             "expected 'all' or 'poisson' with distributed_dp (its accounting assumes Poisson sampling)",
         )
+    if config.dp_ftrl is not None:
+        if cohort.sampling == "poisson":
+            raise bad(
+                "cohort.sampling",
+                "poisson",
+                "expected 'all' or 'uniform' with dp_ftrl (no sampling: a cyclic schedule)",
+            )
+        mf = dp_ftrl_config(config, population)
+        if mf.population_size != population:
+            raise bad(
+                "dp_ftrl.population_size",
+                mf.population_size,
+                f"expected None or the data's population, {population} clients",
+            )
     if dp is not None and config.dp.budget_epsilon is not None:
         first = privacy.epsilon(dp, 1)
         if first > config.dp.budget_epsilon:

@@ -109,6 +109,8 @@ def build_aggregator(config: Config, dp_config=None):
     if isinstance(dp_config, privacy.DistributedDPConfig):  # its own masked modular sum
         return privacy.distributed_dp(dp_config, masking=config.secagg or privacy.distributed.DEFAULT_MASKING)
     secure = secagg.secure_sum(config.secagg) if config.secagg is not None else None
+    if isinstance(dp_config, privacy.MFConfig):
+        return privacy.dp_ftrl(dp_config, sum=secure)
     if dp_config is not None:
         return privacy.dp(dp_config, sum=secure)
     if secure is not None:
@@ -268,9 +270,14 @@ def train(
     dp_config = cfg.dp_config(config, train_data.num_clients)
     if config.distributed_dp is not None:
         dp_config = cfg.distributed_dp_config(config, train_data.num_clients, dim=models.num_params(params))
+    if config.dp_ftrl is not None:
+        dp_config = cfg.dp_ftrl_config(config, train_data.num_clients)
+        schedule = privacy.matrix_factorization.cohort_schedule(dp_config, fl_random.stream(run_key, "data"))
     ledger = None
     if isinstance(dp_config, privacy.DistributedDPConfig):
-        ledger = privacy.distributed.DistributedLedger(dp_config, budget_epsilon=section.budget_epsilon)
+        ledger = privacy.distributed.ledger(dp_config, budget_epsilon=section.budget_epsilon)
+    elif isinstance(dp_config, privacy.MFConfig):
+        ledger = privacy.matrix_factorization.ledger(dp_config, budget_epsilon=section.budget_epsilon)
     elif dp_config is not None:
         ledger = privacy.PrivacyLedger(dp_config, budget_epsilon=section.budget_epsilon)
     # Under DP the round keys (cohort sampling, noise) come from a secret key unless the config
@@ -326,7 +333,9 @@ def train(
             break
         rkey = fl_random.round_key(run_key, r) if loop_key is None else jax.random.fold_in(loop_key, r)
         sample_key = fl_random.stream(rkey, "sample")
-        if isinstance(dp_config, privacy.DPConfig):  # sample exactly as the accounting assumes
+        if isinstance(dp_config, privacy.MFConfig):  # the cyclic schedule the accounting assumes
+            ids, mask = schedule[r], np.ones(dp_config.cohort_size, bool)
+        elif isinstance(dp_config, privacy.DPConfig):  # sample exactly as the accounting assumes
             ids, mask = privacy.sample_cohort(dp_config, sample_key, num_clients=train_data.num_clients)
         elif dp_config is not None and dp_config.amplification and dp_config.sampling_probability < 1:
             q = dp_config.sampling_probability  # distributed DP accounts Poisson sampling at this rate
@@ -596,11 +605,14 @@ def _without_privacy(config: Config, population: int) -> Config:
         cohort = cfg.Cohort() if q >= 1 else cfg.Cohort(sampling="poisson", q=q, max_size=None)
     elif dp is not None:
         cohort = cfg.Cohort(sampling="uniform", size=dp.cohort_size)
+    if config.dp_ftrl is not None:  # the same cohort size, without the schedule
+        size = cfg.dp_ftrl_config(config, population).cohort_size
+        cohort = cfg.Cohort() if size >= population else cfg.Cohort(sampling="uniform", size=size)
     if config.distributed_dp is not None and config.cohort.sampling == "all":
         section = config.distributed_dp  # distributed DP samples Poisson at cohort_size / population
         size = section.cohort_size or population
         cohort = cfg.Cohort() if size >= population else cfg.Cohort(sampling="poisson", q=size / population)
-    return dataclasses.replace(config, cohort=cohort, dp=None, distributed_dp=None, secagg=None)
+    return dataclasses.replace(config, cohort=cohort, dp=None, distributed_dp=None, dp_ftrl=None, secagg=None)
 
 
 def _baselines(config: Config, data: data_lib.Prepared, model, names, records, progress) -> dict:
@@ -608,7 +620,9 @@ def _baselines(config: Config, data: data_lib.Prepared, model, names, records, p
     under the federated model and under each baseline. Baselines are non-private: they show
     what a client gives up or gains by federating."""
     train_data, test_data = data.train, data.test
-    alone = dataclasses.replace(config, cohort=cfg.Cohort(), dp=None, distributed_dp=None, secagg=None)
+    alone = dataclasses.replace(
+        config, cohort=cfg.Cohort(), dp=None, distributed_dp=None, dp_ftrl=None, secagg=None
+    )
 
     def scores(params, population_test):
         if population_test is not None:
@@ -766,6 +780,7 @@ def _check_out(out: pathlib.Path, config: Config, *, resume: bool, overwrite: bo
     refused = []
     for key, a, b in _config_diff(old, new):
         shrinks = key == "rounds" and not (isinstance(a, int) and isinstance(b, int) and b >= a)
+        shrinks = shrinks or (key == "rounds" and config.dp_ftrl is not None)  # its noise spans the rounds
         if key in RESUMABLE and not shrinks:
             continue
         refused.append(f"{key}: {a!r} -> {b!r}")

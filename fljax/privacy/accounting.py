@@ -322,3 +322,37 @@ class PrivacyLedger:
         out = summary(self.config, self.rounds, accountant=self.accountant)
         out["budget_epsilon"] = self.budget_epsilon
         return out
+
+
+class MechanismLedger(PrivacyLedger):
+    """A :class:`PrivacyLedger` for a mechanism with its own accounting: the same budget checks
+    (``can_run``, ``check``, ``step``, ``max_rounds``) over ``epsilon_fn(config, rounds)``, and
+    ``summary_fn(config, rounds)`` for :meth:`summary`. Used for distributed DP and DP-FTRL.
+
+    Examples:
+      >>> ledger = MechanismLedger("toy", lambda cfg, r: 0.5 * r, lambda cfg, r: {"rounds": r}, budget_epsilon=2.0)
+      >>> ledger.step(3), ledger.can_run(2)
+      (1.5, False)
+    """
+
+    def __init__(
+        self, config, epsilon_fn, summary_fn, *, budget_epsilon: float | None = None, rounds: int = 0
+    ):
+        if budget_epsilon is not None and not budget_epsilon > 0:
+            raise ValueError(f"budget_epsilon must be positive, got {budget_epsilon}")
+        self.config = config
+        self.budget_epsilon = budget_epsilon
+        self.accountant = "mechanism"
+        self.rounds = int(rounds)
+        self.history: list[float] = []
+        self._cache: dict[int, float] = {}
+        self._epsilon_fn, self._summary_fn = epsilon_fn, summary_fn
+
+    def epsilon(self, rounds: int | None = None) -> float:
+        r = self.rounds if rounds is None else int(rounds)
+        if r not in self._cache:
+            self._cache[r] = float(self._epsilon_fn(self.config, r))
+        return self._cache[r]
+
+    def summary(self) -> dict:
+        return self._summary_fn(self.config, self.rounds) | {"budget_epsilon": self.budget_epsilon}

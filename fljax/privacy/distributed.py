@@ -22,7 +22,9 @@ coordinates, padded with zeros to ``d' = 2**ceil(log2 d)``):
    to about the continuous Gaussian's ``z C`` (:func:`fljax.privacy.discrete.discrete_gaussian`);
 6. reduce mod ``2**bits``; the ring sum over clients goes through the masking
    simulation of :func:`fljax.secagg.simulation.masked_ring_sum` (or a plain
-   modular sum), so the server sees only ``sum_i (q_i + noise_i) mod 2**bits``;
+   modular sum), or with ``protocol=True`` through the real protocol on the
+   host (:func:`fljax.secagg.protocol.ring_sum_callback`), so the server sees
+   only masked inputs and ``sum_i (q_i + noise_i) mod 2**bits``;
 7. decode: centred representative in ``[-2**(bits-1), 2**(bits-1))``, times
    ``gamma``, inverse rotation, first ``d`` coordinates, divided by the fixed
    denominator ``cohort_size``.
@@ -63,11 +65,12 @@ both neighbours, the relation of the paper's analysis; under Poisson sampling
 this is the add/remove relation the amplification bound is applied to.
 Sensitivity: ``Delta_2`` above (``>= C``).
 
-What this is not: the noise and masks come from ``jax.random`` (not a
-cryptographic generator) and every party lives in one process: it reproduces
-the mechanism's arithmetic, accuracy and accounting. The accounting assumes
-at least ``m`` clients add their share; a round with fewer real clients has
-less noise than accounted and is flagged ``dp_noise_shortfall``.
+What this is not: the noise and (without ``protocol=True``) the masks come
+from ``jax.random`` (not a cryptographic generator) and every party lives in
+one process: it reproduces the mechanism's arithmetic, accuracy and
+accounting. The accounting assumes at least ``m`` clients add their share; a
+round with fewer real clients has less noise than accounted and is flagged
+``dp_noise_shortfall``.
 
 References:
   Kairouz, Liu, Steinke. "The Distributed Discrete Gaussian Mechanism for
@@ -92,9 +95,10 @@ from fljax import aggregators
 from fljax import random as fl_random
 from fljax.base import Aggregator, Params, PyTree
 from fljax.privacy import discrete
-from fljax.privacy.accounting import PrivacyLedger
+from fljax.privacy.accounting import MechanismLedger
 from fljax.privacy.config import default_delta
 from fljax.secagg import encoding, simulation
+from fljax.secagg import protocol as secagg_protocol
 from fljax.secagg.config import SecAggConfig
 
 DEFAULT_MASKING = SecAggConfig()
@@ -420,7 +424,9 @@ def _init(params: Params) -> aggregators.EmptyState:
     return aggregators.EmptyState()
 
 
-def distributed_dp(config: DistributedDPConfig, masking: SecAggConfig | None = DEFAULT_MASKING) -> Aggregator:
+def distributed_dp(
+    config: DistributedDPConfig, masking: SecAggConfig | None = DEFAULT_MASKING, *, protocol: bool = False
+) -> Aggregator:
     """The distributed discrete Gaussian mechanism as a complete mean aggregator.
 
     A complete aggregator (not a sum): the noise is added by the clients
@@ -444,6 +450,16 @@ def distributed_dp(config: DistributedDPConfig, masking: SecAggConfig | None = D
     masks (``masking``; ``None``: a plain sum mod ``2**bits``). The decoded sum
     does not depend on the masks.
 
+    With ``protocol=True`` the ring sum is one round of the real protocol
+    (:func:`fljax.secagg.protocol.ring_sum_callback`, ``jax.pure_callback``;
+    X25519, AES-GCM, Shamir, secrets from the OS, ``masking``'s graph and
+    threshold, the ring ``2**bits``): every slot is a party, padding and
+    non-finite slots send masked zero vectors, and the protocol's server holds
+    only masked inputs and the noised sum. Pairwise masks cancel and self-masks
+    are removed exactly, so the result, ``aborted`` included, is bit for bit
+    that of the simulation for the same ``key``, whatever the protocol's own
+    keys. Host cost ``O(n * k * d')`` AES work: for tests and small models.
+
     Error: the decoded sum minus the sum of clipped updates is ``gamma H^T D``
     applied to the rounding errors (each coordinate within 1, so at most
     ``n gamma sqrt(d')`` in L2 norm for ``n`` clients) plus the noise (std
@@ -456,6 +472,8 @@ def distributed_dp(config: DistributedDPConfig, masking: SecAggConfig | None = D
       masking: secure-aggregation masking graph for the ring sum
         (:func:`fljax.secagg.simulation.masked_ring_sum`), or ``None``.
         ``dropout_rate`` must be 0 (a dropped client takes its noise share with it).
+      protocol: run the ring sum through the real protocol on the host
+        instead of the masking simulation (needs ``masking``).
 
     Returns:
       ``Aggregator(init, aggregate)``, stateless. Metrics: ``num_nonfinite``,
@@ -480,6 +498,8 @@ def distributed_dp(config: DistributedDPConfig, masking: SecAggConfig | None = D
     """
     if masking is not None and masking.dropout_rate > 0:
         raise ValueError("distributed_dp does not simulate dropouts: a dropped client takes its noise share")
+    if protocol and masking is None:
+        raise ValueError("protocol=True needs a masking config (the protocol's graph and threshold)")
     gamma = config.gamma_value
     sigma = config.local_sigma
     dim, dpad, bits = config.dim, config.padded_dim, config.bits
@@ -511,10 +531,12 @@ def distributed_dp(config: DistributedDPConfig, masking: SecAggConfig | None = D
         v, tries, fell_back = jax.vmap(client)(y, round_keys, noise_keys)
         v = jnp.where(valid[:, None], v, jnp.zeros((), jnp.int32))
         ring = encoding.to_ring(v, bits)
+        alive = jnp.ones((n,), jnp.bool_)  # every slot takes part; padding sends zeros
         if masking is None:
             total, aborted = encoding.ring_sum(ring, bits), jnp.zeros((), jnp.bool_)
+        elif protocol:
+            total, aborted = secagg_protocol.ring_sum_callback(ring, alive, bits, masking)
         else:
-            alive = jnp.ones((n,), jnp.bool_)
             total, aborted = simulation.masked_ring_sum(
                 ring, alive, fl_random.stream(key, "masks"), masking, bits
             )
@@ -543,35 +565,16 @@ def distributed_dp(config: DistributedDPConfig, masking: SecAggConfig | None = D
     return Aggregator(_init, aggregate)
 
 
-class DistributedLedger(PrivacyLedger):
-    """:class:`~fljax.privacy.accounting.PrivacyLedger` for :class:`DistributedDPConfig`: the same
-    budget checks, with this module's RDP accounting (:func:`epsilon`, :func:`summary`).
+def ledger(config: DistributedDPConfig, *, budget_epsilon: float | None = None) -> MechanismLedger:
+    """A budget ledger for ``config`` (:class:`~fljax.privacy.accounting.MechanismLedger` over
+    :func:`epsilon` and :func:`summary`).
 
     Examples:
       >>> from fljax import privacy
       >>> cfg = privacy.DistributedDPConfig(
       ...     clip_norm=1.0, noise_multiplier=1.0, dim=100, cohort_size=10, population_size=1000
       ... )
-      >>> ledger = privacy.distributed.DistributedLedger(cfg, budget_epsilon=5.0)
-      >>> ledger.step(3) == privacy.distributed.epsilon(cfg, 3)
+      >>> ledger(cfg, budget_epsilon=5.0).step(3) == privacy.distributed.epsilon(cfg, 3)
       True
     """
-
-    def __init__(self, config: DistributedDPConfig, *, budget_epsilon: float | None = None, rounds: int = 0):
-        if budget_epsilon is not None and not budget_epsilon > 0:
-            raise ValueError(f"budget_epsilon must be positive, got {budget_epsilon}")
-        self.config = config
-        self.budget_epsilon = budget_epsilon
-        self.accountant = "rdp"
-        self.rounds = int(rounds)
-        self.history: list[float] = []
-        self._cache: dict[int, float] = {}
-
-    def epsilon(self, rounds: int | None = None) -> float:
-        r = self.rounds if rounds is None else int(rounds)
-        if r not in self._cache:
-            self._cache[r] = epsilon(self.config, r)
-        return self._cache[r]
-
-    def summary(self) -> dict:
-        return summary(self.config, self.rounds) | {"budget_epsilon": self.budget_epsilon}
+    return MechanismLedger(config, epsilon, summary, budget_epsilon=budget_epsilon)

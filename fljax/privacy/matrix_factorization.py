@@ -80,6 +80,7 @@ from jax_privacy.matrix_factorization import buffered_toeplitz, sensitivity, str
 from fljax import aggregators, tree
 from fljax import random as fl_random
 from fljax.base import Aggregator, Params, PyTree
+from fljax.privacy.accounting import MechanismLedger
 from fljax.privacy.config import default_delta
 
 Strategy = Literal["banded", "blt", "independent"]
@@ -378,6 +379,35 @@ def epsilon(config: MFConfig, rounds: int | None = None) -> float:
         return math.inf
     accountant = dp_accounting.pld.PLDAccountant()
     return float(accountant.compose(dp_event(config, rounds)).get_epsilon(config.target_delta))
+
+
+def summary(config: MFConfig, rounds: int | None = None) -> dict:
+    """A JSON-ready description of the guarantee after ``rounds`` rounds (default all)."""
+    r = 0 if rounds == 0 else _rounds(config, rounds)
+    return {
+        "mechanism": f"matrix_factorization:{config.strategy}",
+        "unit_of_privacy": "client",
+        "neighboring_relation": config.neighboring_relation,
+        "epsilon": 0.0 if r == 0 else epsilon(config, r),
+        "delta": config.target_delta,
+        "accountant": "pld",
+        "rounds": r,
+        "total_rounds": config.total_rounds,
+        "noise_multiplier": config.noise_multiplier,
+        "clip_norm": config.clip_norm,
+        "min_separation": config.separation,
+        "max_participations": config.participations,
+        "sampling_amplification": False,
+        "cohort_size": config.cohort_size,
+        "population_size": config.population_size,
+    }
+
+
+def ledger(config: MFConfig, *, budget_epsilon: float | None = None) -> MechanismLedger:
+    """A budget ledger for ``config`` (:class:`~fljax.privacy.accounting.MechanismLedger`)."""
+    return MechanismLedger(
+        config, lambda c, r: 0.0 if r == 0 else epsilon(c, r), summary, budget_epsilon=budget_epsilon
+    )
 
 
 def calibrate_noise_multiplier(

@@ -39,6 +39,10 @@ The integer arithmetic is the simulation's (:mod:`fljax.secagg.simulation`):
 for the same encoded inputs and survivors the sums agree bit for bit. Every
 step tolerates dropouts down to the threshold ``t``; below it the server (and
 each client, before revealing shares) raises :class:`ProtocolAbort`.
+:func:`ring_sum` runs a round over inputs that are already integers in
+``Z_(2**bits)`` at a given width (no fixed-point encoding; e.g. the noised
+vectors of :func:`fljax.privacy.distributed_dp`), and :func:`ring_sum_callback`
+calls it from inside ``jit``.
 
 Security checks: (1) ``t > h/2`` for ``h`` share holders
 (:meth:`SecAggConfig.threshold_for`) with one answer per client, so a server
@@ -69,6 +73,8 @@ import time
 from collections.abc import Iterable
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import constant_time, serialization
@@ -140,6 +146,16 @@ def _claim_round(used_round_ids: set[int], round_id: int, party: str) -> int:
     return round_id
 
 
+def _ring_bits(config: SecAggConfig, num_clients: int, bits: int | None) -> int:
+    """``bits`` when given (inputs already in ``Z_(2**bits)``), else the encoding's :meth:`SecAggConfig.ring_bits`."""
+    if bits is None:
+        return config.ring_bits(num_clients)
+    bits = operator.index(bits)
+    if not 1 <= bits <= 32:
+        raise ValueError(f"bits must be in 1..32, got {bits}")
+    return bits
+
+
 def _ids(data: bytes, n: int) -> list[int]:
     ids = msg.unpack_ints(data)
     if len(set(ids)) != len(ids) or any(i >= n for i in ids):
@@ -153,6 +169,7 @@ class Client:
     ``used_round_ids`` is this client's record of the round ids it has run
     under ``signing_key`` (``Setup.used_round_ids[index]``): ``round_id`` must
     not be in it (:class:`~fljax.secagg.messages.ReusedRound`) and is added.
+    ``bits``: the ring width; ``None`` takes the encoding's (``config.ring_bits``).
     """
 
     def __init__(
@@ -165,10 +182,11 @@ class Client:
         round_id: int,
         *,
         used_round_ids: set[int],
+        bits: int | None = None,
     ):
         self.u, self.n, self.config = index, num_clients, config
         self._sign, self._verify = signing_key, verify_keys
-        self.bits = config.ring_bits(num_clients)
+        self.bits = _ring_bits(config, num_clients, bits)
         self.t = config.threshold_for(num_clients)
         self.round_id = _claim_round(used_round_ids, round_id, f"client {index}")
         self._step = msg.ADVERTISE_KEYS
@@ -343,6 +361,7 @@ class Server:
     ``used_round_ids`` is the server's record of the round ids it has run under
     ``signing_key`` (``Setup.used_round_ids[messages.SERVER]``): ``round_id``
     must not be in it (:class:`~fljax.secagg.messages.ReusedRound`) and is added.
+    ``bits``: the ring width; ``None`` takes the encoding's (``config.ring_bits``).
     """
 
     def __init__(
@@ -355,10 +374,11 @@ class Server:
         round_id: int,
         *,
         used_round_ids: set[int],
+        bits: int | None = None,
     ):
         self.n, self.dim, self.config = num_clients, dim, config
         self._sign, self._verify = signing_key, verify_keys
-        self.bits = config.ring_bits(num_clients)
+        self.bits = _ring_bits(config, num_clients, bits)
         self.t = config.threshold_for(num_clients)
         self.round_id = _claim_round(used_round_ids, round_id, "the server")
         order = list(range(num_clients))
@@ -559,6 +579,7 @@ def run_round(
     dropouts: dict[int, Iterable[int]] | None = None,
     round_id: int | None = None,
     keys: Setup | None = None,
+    bits: int | None = None,
 ) -> RoundResult:
     """Run one round in process over ``values[clients, dim]`` (uint32 in ``Z_(2**bits)``).
 
@@ -569,6 +590,8 @@ def run_round(
       round_id: the round's id, bound into every message; ``None`` draws a
         fresh random 64-bit id. An id already run under ``keys`` is refused.
       keys: long-term signing keys (default: fresh from :func:`setup`).
+      bits: ring width of every party; ``None``: ``config.ring_bits(clients)``,
+        the fixed-point encoding's width.
 
     Raises:
       ProtocolAbort: when fewer than the threshold survive a step, or
@@ -583,10 +606,19 @@ def run_round(
     dropouts = {s: set(ids) for s, ids in (dropouts or {}).items()}
     used = keys.used_round_ids
     server = Server(
-        keys.server_key, keys.verify_keys, config, n, dim, round_id, used_round_ids=used[msg.SERVER]
+        keys.server_key,
+        keys.verify_keys,
+        config,
+        n,
+        dim,
+        round_id,
+        used_round_ids=used[msg.SERVER],
+        bits=bits,
     )
     clients = [
-        Client(i, keys.client_keys[i], keys.verify_keys, config, n, round_id, used_round_ids=used[i])
+        Client(
+            i, keys.client_keys[i], keys.verify_keys, config, n, round_id, used_round_ids=used[i], bits=bits
+        )
         for i in range(n)
     ]
     client_sec, client_bytes = np.zeros(n), np.zeros(n)
@@ -629,3 +661,85 @@ def run_round(
         "round_id": server.round_id,
     }
     return RoundResult(result, survivors, stats)
+
+
+def ring_sum(
+    values: np.ndarray,
+    alive: np.ndarray,
+    bits: int,
+    config: SecAggConfig,
+    *,
+    round_id: int | None = None,
+    keys: Setup | None = None,
+) -> tuple[np.ndarray, bool]:
+    """Sum integer vectors already in ``Z_(2**bits)`` with one :func:`run_round`, no encoding.
+
+    The counterpart of :func:`fljax.secagg.simulation.masked_ring_sum` with the
+    real protocol: every slot is a client; the ones with ``alive`` False vanish
+    after the key agreement, just before sending their masked input (the
+    simulation's dropouts). Only ``config``'s masking graph and threshold are
+    used; the ring is ``bits`` wide, whatever ``config.bits``. The server sees
+    the masked vectors and the survivors' sum, never an input.
+
+    Args:
+      values: ``[clients, dim]`` uint32 in ``Z_(2**bits)``.
+      alive: ``[clients]`` bool, the clients whose masked input reaches the server.
+      bits: ring width, 1..32.
+      config: masking graph and threshold.
+      round_id: as in :func:`run_round`.
+      keys: as in :func:`run_round`.
+
+    Returns:
+      ``(total[dim] uint32, aborted)``: the survivors' sum mod ``2**bits``, and
+      False; or zeros and True when the round aborts (:class:`ProtocolAbort`:
+      survivors below the threshold, or a reconstructed secret failing its check).
+
+    Examples:
+      >>> import numpy as np
+      >>> from fljax.secagg import SecAggConfig, protocol
+      >>> values = np.array([[1, 7], [6, 5], [3, 3]], np.uint32)  # in Z_8
+      >>> total, aborted = protocol.ring_sum(values, np.array([True, True, True]), 3, SecAggConfig())
+      >>> total.tolist(), aborted
+      ([2, 7], False)
+      >>> protocol.ring_sum(values, np.array([True, False, False]), 3, SecAggConfig())[1]
+      True
+    """
+    values = np.asarray(values, np.uint32)
+    alive = np.asarray(alive, np.bool_)
+    if values.ndim != 2 or alive.shape != values.shape[:1]:
+        raise ValueError(
+            f"values must be [clients, dim] and alive [clients], got {values.shape} and {alive.shape}"
+        )
+    dropped = {int(i) for i in np.flatnonzero(~alive)}
+    try:
+        result = run_round(
+            values, config, dropouts={msg.MASKED_INPUT: dropped}, round_id=round_id, keys=keys, bits=bits
+        )
+    except ProtocolAbort:
+        return np.zeros(values.shape[1], np.uint32), True
+    return np.asarray(result.total, np.uint32), False
+
+
+def ring_sum_callback(
+    values: jax.Array, alive: jax.Array, bits: int, config: SecAggConfig
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`ring_sum` callable inside ``jit`` (``jax.pure_callback``, run on the host).
+
+    Its secrets come from the OS (``cryptography``, ``secrets``), so the masks
+    differ from call to call but the sum does not: on the complete graph the
+    result, abort flag included, equals
+    :func:`fljax.secagg.simulation.masked_ring_sum`'s bit for bit for the same
+    inputs and survivors (on a sparse graph with dropouts whether a round
+    aborts can differ, as each draws its own graph). Every party lives in this
+    one process: it exercises the protocol end to end, it does not distribute trust.
+
+    Returns:
+      ``(total[dim] uint32, aborted bool)``, as :func:`ring_sum`.
+    """
+
+    def host(v, a):
+        total, aborted = ring_sum(np.asarray(v), np.asarray(a), bits, config)
+        return total, np.bool_(aborted)
+
+    out = (jax.ShapeDtypeStruct(values.shape[1:], jnp.uint32), jax.ShapeDtypeStruct((), jnp.bool_))
+    return jax.pure_callback(host, out, values.astype(jnp.uint32), alive.astype(jnp.bool_))

@@ -14,6 +14,7 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from fljax import privacy
 from fljax.algorithms import fedavg
 from fljax.privacy import discrete, distributed
+from fljax.secagg import SecAggConfig, encoding, protocol, simulation
 from tests import helpers
 
 
@@ -213,8 +214,8 @@ def _clipped_sum(deltas, weights, c):
     return np.sum(x * (np.asarray(weights) > 0)[:, None], axis=0)
 
 
-def _aggregate(cfg, deltas, weights, key, masking=distributed.DEFAULT_MASKING):
-    agg = distributed.distributed_dp(cfg, masking=masking)
+def _aggregate(cfg, deltas, weights, key, masking=distributed.DEFAULT_MASKING, use_protocol=False):
+    agg = distributed.distributed_dp(cfg, masking=masking, protocol=use_protocol)
     template = jax.tree.map(lambda x: x[0], deltas)
     return jax.jit(agg.aggregate)(agg.init(template), deltas, weights, key)
 
@@ -296,3 +297,98 @@ def test_runs_inside_fedavg_and_padding_changes_nothing():
 def test_summary_reports_the_mechanism():
     s = distributed.summary(_cfg(), 10)
     assert s["unit_of_privacy"] == "client" and s["epsilon"] > 0 and s["sensitivity"] >= 1.0
+
+
+# --- the ring sum through the real secure-aggregation protocol --------------------------------
+
+
+@pytest.mark.parametrize("bits", [13, 32])
+@pytest.mark.parametrize("alive", [[1, 1, 1, 1, 1], [1, 1, 0, 1, 1], [1, 0, 1, 0, 1]])
+def test_protocol_ring_sum_equals_the_masked_simulation_bit_for_bit(alive, bits):
+    """Integers already in the ring, no encoding: the protocol's sum (host and inside jit) is the
+    survivors' modular sum, as the simulation's; 3 survivors of 5 fall below the threshold 4 and
+    both abort alike (zeros, aborted)."""
+    n, d = 5, 7
+    sa = SecAggConfig()
+    assert sa.threshold_for(n) == 4
+    values = jax.random.bits(jax.random.key(0), (n, d), jnp.uint32) & encoding.ring_mask(bits)
+    alive = jnp.asarray(alive, jnp.bool_)
+    sim = jax.jit(lambda v, a, k: simulation.masked_ring_sum(v, a, k, sa, bits))(
+        values, alive, jax.random.key(1)
+    )
+    real = jax.jit(lambda v, a: protocol.ring_sum_callback(v, a, bits, sa))(values, alive)
+    host = protocol.ring_sum(np.asarray(values), np.asarray(alive), bits, sa)
+    aborted = int(jnp.sum(alive)) < 4
+    expected = np.zeros(d, np.uint32) if aborted else np.asarray(encoding.ring_sum(values[alive], bits))
+    for total, flag in (sim, real, host):
+        np.testing.assert_array_equal(np.asarray(total), expected)
+        assert bool(flag) == aborted
+
+
+def _protocol_spy(monkeypatch):
+    """Record the inputs and ring width of every real protocol round."""
+    calls = []
+    run_round = protocol.run_round
+
+    def spy(values, config, **kw):
+        calls.append((np.array(values), kw["bits"]))
+        return run_round(values, config, **kw)
+
+    monkeypatch.setattr(protocol, "run_round", spy)
+    return calls
+
+
+def test_protocol_ring_is_bit_identical_to_the_simulation_inside_fedavg(monkeypatch):
+    """Jitted FedAvg rounds: the real protocol (padded cohort) gives the simulation's (unpadded)
+    model bit for bit for the same keys; padding slots send zeros and add nothing."""
+    calls = _protocol_spy(monkeypatch)
+    data = helpers.population([5, 7, 6, 4, 8, 5])
+    params = helpers.params()
+    dim = sum(x.size for x in jax.tree.leaves(params))
+    cfg = _cfg(dim=dim, cohort_size=3, population_size=6, noise_multiplier=0.8, bits=20)
+    keep = ("num_clients", "num_clipped", "dp_rounding_fallbacks", "dp_wrapped_coordinates", "aborted")
+    runs = []
+    for ids, use_protocol in (([0, 2, 4], False), ([0, 2, 4, -1], True)):
+        algo = fedavg.fedavg(
+            helpers.local_sgd(), aggregator=privacy.distributed_dp(cfg, protocol=use_protocol)
+        )
+        step = jax.jit(algo.update)
+        state, history = algo.init(params), []
+        for r in range(2):
+            state, metrics = step(state, data.cohort(ids, num_examples=8), jax.random.key(10 + r))
+            history.append({k: int(v) for k, v in metrics.items() if k in keep})
+        runs.append((state, history))
+    helpers.assert_trees_equal(runs[0][0].params, runs[1][0].params)
+    assert runs[0][1] == runs[1][1] and all(h["aborted"] == 0 and h["num_clients"] == 3 for h in runs[1][1])
+    assert len(calls) == 2
+    for values, bits in calls:
+        assert bits == 20 and values.shape == (4, cfg.padded_dim) and not np.any(values[3])
+
+
+def test_protocol_ring_excludes_padding_and_nonfinite_clients_on_a_sparse_graph(monkeypatch):
+    """A non-finite client and a padding slot take part in the protocol with zero vectors: the
+    result equals the simulation's on the same slots and the plain sum over the real clients."""
+    calls = _protocol_spy(monkeypatch)
+    n, d = 6, 10
+    cfg = _cfg(dim=d, cohort_size=4, population_size=100, noise_multiplier=0.7, bits=16)
+    sparse = SecAggConfig(num_neighbors=2)
+    deltas = _updates(jax.random.key(0), n, d)
+    deltas = {"w": deltas["w"].at[4, 0].set(jnp.nan)}
+    weights = jnp.array([1.0, 1.0, 1.0, 1.0, 1.0, 0.0], jnp.float32)  # slot 5 is padding
+    _, real, m_real = _aggregate(cfg, deltas, weights, jax.random.key(1), masking=sparse, use_protocol=True)
+    _, sim, m_sim = _aggregate(cfg, deltas, weights, jax.random.key(1), masking=sparse)
+    first = jax.tree.map(lambda x: x[:4], deltas)
+    _, plain, _ = _aggregate(cfg, first, weights[:4], jax.random.key(1), masking=None)
+    np.testing.assert_array_equal(real["w"], sim["w"])
+    np.testing.assert_array_equal(real["w"], plain["w"])
+    assert {k: float(v) for k, v in m_real.items()} == {k: float(v) for k, v in m_sim.items()}
+    assert (
+        int(m_real["num_nonfinite"]) == 1 and int(m_real["num_clients"]) == 4 and int(m_real["aborted"]) == 0
+    )
+    ((values, bits),) = calls
+    assert bits == 16 and not np.any(values[4:])
+
+
+def test_protocol_ring_needs_a_masking_config():
+    with pytest.raises(ValueError, match="masking"):
+        distributed.distributed_dp(_cfg(), masking=None, protocol=True)

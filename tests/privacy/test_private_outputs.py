@@ -139,3 +139,22 @@ def test_golden_values_of_pinned_dp_accounting():
     assert privacy.epsilon(cfg, 1500, accountant="pld") == pytest.approx(5.968, abs=1e-3)  # PLD grid
     z = privacy.calibrate_noise_multiplier(cfg, target_epsilon=10.0, rounds=1500)
     assert z == pytest.approx(0.8331, abs=5e-4)
+
+
+def test_dp_ftrl_runs_through_the_trainer_and_its_rounds_cannot_grow(tmp_path, capsys):
+    mf = "dp_ftrl={'clip_norm': 0.1, 'noise_multiplier': 1.0, 'strategy': 'banded', 'num_bands': 2, 'delta': 1e-5}"
+    summary, rows = _run(tmp_path, "mf", mf, "checkpoint_every=1")
+    spent = summary["privacy"]
+    assert spent["mechanism"] == "matrix_factorization:banded" and spent["sampling_amplification"] is False
+    stored = runner.experiment.config.from_dict(
+        runner.experiment.Config, json.loads((tmp_path / "mf" / "config.json").read_text())
+    )
+    built = runner.experiment.config.dp_ftrl_config(stored, 4)
+    assert spent["epsilon"] == pytest.approx(privacy.matrix_factorization.epsilon(built, 2))
+    assert rows[0]["epsilon"] < rows[1]["epsilon"] == pytest.approx(spent["epsilon"])
+    argv = ["--config", runner.HEART, "--out", str(tmp_path / "mf"), "--no-progress", "--resume"]
+    for item in [*TINY, mf, "checkpoint_every=1", "rounds=3"]:
+        argv += ["--set", item]
+    with pytest.raises(SystemExit):  # its correlated noise was planned for 2 rounds
+        runner.main(argv)
+    assert "rounds: 2 -> 3" in capsys.readouterr().err
