@@ -116,10 +116,30 @@ def timed_round(step, state, cohort, r: int):
     return state, time.perf_counter() - t, time.process_time() - c
 
 
-def aggregator_for(variant: str, cohort_size: int, num_examples: int):
-    """The round's aggregator; raises ImportError when the module is not available."""
+def aggregator_for(variant: str, cohort_size: int, num_examples: int, dim: int = 62_006):
+    """The round's aggregator; raises ImportError when the module is not available.
+
+    ``ddp``: the distributed discrete Gaussian (16-bit ring, masked modular sum simulated in the
+    round); ``dp_ftrl``: banded matrix-factorization DP (4 bands, 100 rounds planned).
+    """
     if variant == "plain":
         return None
+    if variant == "ddp":
+        from fljax import privacy
+
+        cfg = privacy.DistributedDPConfig(
+            clip_norm=1.0, noise_multiplier=1.0, dim=dim, cohort_size=cohort_size,
+            population_size=max(cohort_size, 100), bits=16, amplification=False,
+        )  # fmt: skip
+        return privacy.distributed_dp(cfg)
+    if variant == "dp_ftrl":
+        from fljax import privacy
+
+        cfg = privacy.MFConfig(
+            clip_norm=1.0, noise_multiplier=1.0, total_rounds=100, cohort_size=cohort_size,
+            population_size=100 * cohort_size, strategy="banded", num_bands=4,
+        )  # fmt: skip
+        return privacy.dp_ftrl(cfg)
     if variant in ("dp", "dp_secagg"):  # dp_secagg: DP over the secure sum (clip, secure sum, noise once)
         from fljax import privacy, secagg
 
@@ -182,7 +202,7 @@ def bench_fljax(
     runs = {}
     for variant in variants:
         try:
-            aggregator = aggregator_for(variant, cohort_size, num_examples)
+            aggregator = aggregator_for(variant, cohort_size, num_examples, zoo.num_params(params))
         except (ImportError, AttributeError) as e:  # module being written concurrently
             emit(system="fljax", variant=variant, cohort=cohort_size, skipped=f"{type(e).__name__}: {e}")
             continue
@@ -327,7 +347,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--cohorts", default="10,100")
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds (after one warm-up)")
-    parser.add_argument("--variants", default="plain,dp,secagg,dp_secagg")
+    parser.add_argument("--variants", default="plain,dp,secagg,dp_secagg,ddp,dp_ftrl")
     parser.add_argument("--formulations", default="fast", help=f"comma list of {sorted(FORMULATIONS)}")
     parser.add_argument(
         "--chunk-size",
