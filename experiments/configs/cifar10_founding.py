@@ -12,7 +12,10 @@ The founding example used learning rate 0.1; with momentum 0.9 that rate is
 unstable for this CNN (see README "Founding experiment" for the evidence), so
 the config uses 0.01. Data: the offline JPEG copy of CIFAR-10 (report as
 "CIFAR-10 (JPEG)"); tensorflow-datasets is used where the archive is absent.
-Runtime and measured accuracy: see the README's results table (2 CPU cores).
+Hardware and runtime: 2 CPU cores shared with other jobs, jax 0.10.2: 592 s (non-IID) and
+589 s (IID), about 11 s per round. Measured central test accuracy on the 10,000 test images
+after 50 rounds (one seed): non-IID 0.377 (oscillating between 0.25 and 0.38 from round to
+round), IID 0.563 (peak 0.582 at round 20); every 5th round in the README's table.
 """
 
 from fljax.experiment import Client, Cohort, Config, Images, Model, Server
