@@ -8,6 +8,10 @@ cohorts of 10 and 100 clients. Prints one JSON object per measurement:
   :func:`fljax.privacy.dp`) / ``"secagg"``
   (mean of :func:`fljax.secagg.secure_sum`), with ``ratio_to_plain`` measured in
   the same run; ``formulation`` names the round's settings.
+* ``--algorithms``: other federated algorithms' plain rounds on the same cohort (built by the
+  trainer's :func:`fljax.experiment.trainer.build_algorithm` from the same client settings;
+  stateful ones carry their client states), each line with ``algorithm`` and
+  ``ratio_to_fedavg`` measured interleaved with FedAvg's plain round.
 * ``system: "hw_bound"``: the same number of examples through the same CNN
   trained centrally at batch 3,200 (best JAX formulation measured; every
   formulation tried is printed with ``system: "central"``).
@@ -30,6 +34,7 @@ Command::
     .venv/bin/python experiments/bench_round.py            # cohorts 10 and 100, chunk_size "auto"
     .venv/bin/python experiments/bench_round.py --quick    # seconds-long smoke run
     .venv/bin/python experiments/bench_round.py --cohorts 10 --formulations fast,xla,fast_bf16
+    .venv/bin/python experiments/bench_round.py --variants plain --algorithms all --no-torch --no-central
 
 Results on the project's 2-core CPU machine: docs/performance.md.
 """
@@ -162,6 +167,22 @@ def aggregator_for(variant: str, cohort_size: int, num_examples: int, dim: int =
     raise ValueError(f"unknown variant {variant!r}")
 
 
+def algorithm_for(name: str, model, params, perf: Performance, cohort_size: int):
+    """``(algorithm, client states or None)``: the trainer's ``name`` algorithm with the round's
+    client settings (SGD lr 0.01, momentum 0.9 except SCAFFOLD's plain SGD, batch 32, 1 epoch)."""
+    from fljax import experiment
+    from fljax.experiment import trainer
+
+    momentum = None if name == "scaffold" else 0.9
+    config = experiment.Config(
+        client=experiment.Client(learning_rate=0.01, momentum=momentum, batch_size=32, num_epochs=1),
+        server=experiment.Server(algorithm=name, learning_rate=0.01 if name.startswith("fedad") else 1.0),
+    )
+    algo = trainer.build_algorithm(config, model, None, cohort_size).with_performance(perf)
+    states = trainer.build_client_states(config, model, params, cohort_size)
+    return algo, None if states is None else states.gather(np.arange(cohort_size))
+
+
 def fraction_of_peak(args, examples_per_sec: float) -> float:
     flops, gflops = args.peak
     return round(examples_per_sec * flops / 1e9 / gflops, 4)
@@ -225,9 +246,34 @@ def bench_fljax(
         runs[variant] = dict(
             step=step, state=state, update=update, mesh=mesh, compile=compile_sec, times=[], cpu=[]
         )
+    for name in args.algorithms if "plain" in runs else ():
+        if name == "fedavg":
+            continue
+        perf, mesh, update = (
+            runs["plain"]["update"].performance,
+            runs["plain"]["mesh"],
+            runs["plain"]["update"],
+        )
+        algo, states = algorithm_for(
+            name, zoo.LeNet(conv_impl="xla") if xla else model, params, perf, cohort_size
+        )
+        own = cohort if states is None else cohort._replace(client_states=states)
+        step = jax.jit(algo.update)
+        with jax.numpy_dtype_promotion("standard"):  # optax's Adam family mixes int32 and floats
+            compile_sec, state = compile_and_warm(step, algo.init(params), own)
+        runs[f"algorithm:{name}"] = dict(
+            step=step,
+            state=state,
+            update=update,
+            mesh=mesh,
+            compile=compile_sec,
+            times=[],
+            cpu=[],
+            cohort=own,
+        )
     for r in range(args.rounds):
         for run in runs.values():
-            run["state"], t, c = timed_round(run["step"], run["state"], cohort, r)
+            run["state"], t, c = timed_round(run["step"], run["state"], run.get("cohort", cohort), r)
             run["times"].append(t)
             run["cpu"].append(c)
     plain = runs.get("plain")
@@ -236,9 +282,11 @@ def bench_fljax(
         times, cpu, mesh = run["times"], run["cpu"], run["mesh"]
         per_device = cohort_size // (jax.device_count() if mesh is not None else 1)
         sec = statistics.median(times)
+        algorithm = variant.removeprefix("algorithm:") if variant.startswith("algorithm:") else "fedavg"
         fields = dict(
             system="fljax",
-            variant=variant,
+            algorithm=algorithm,
+            variant="plain" if algorithm != "fedavg" else variant,
             formulation=formulation,
             cohort=cohort_size,
             sec_per_round=round(sec, 4),
@@ -263,7 +311,11 @@ def bench_fljax(
         )
         if torch_sec is not None:
             fields["speedup_vs_pytorch"] = round(torch_sec / sec, 3)
-        if plain is not None and variant != "plain":
+        if plain is not None and algorithm != "fedavg":
+            fields["ratio_to_fedavg"] = round(
+                statistics.median(t / p for t, p in zip(times, plain["times"], strict=True)), 3
+            )
+        elif plain is not None and variant != "plain":
             # per-round pairs measured back to back: the median of the paired ratios
             fields["ratio_to_plain"] = round(
                 statistics.median(t / p for t, p in zip(times, plain["times"], strict=True)), 3
@@ -348,6 +400,11 @@ def main(argv=None) -> int:
     parser.add_argument("--cohorts", default="10,100")
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds (after one warm-up)")
     parser.add_argument("--variants", default="plain,dp,secagg,dp_secagg,ddp,dp_ftrl")
+    parser.add_argument(
+        "--algorithms",
+        default="fedavg",
+        help="comma list of the trainer's algorithms (fljax.experiment.config.ALGORITHMS) or 'all'",
+    )
     parser.add_argument("--formulations", default="fast", help=f"comma list of {sorted(FORMULATIONS)}")
     parser.add_argument(
         "--chunk-size",
@@ -366,6 +423,11 @@ def main(argv=None) -> int:
         "XLA_FLAGS=--xla_force_host_platform_device_count=<cores> to get one device per core)",
     )
     args = parser.parse_args(argv)
+    if args.algorithms == "all":
+        from fljax.experiment.config import ALGORITHMS
+
+        args.algorithms = ",".join(ALGORITHMS)
+    args.algorithms = [a for a in args.algorithms.split(",") if a]
     args.mesh = simulation.client_mesh() if args.shard and jax.device_count() > 1 else None
     args.chunk_size = (
         None
