@@ -7,8 +7,8 @@ Commands:
 Setting: the 105 writers of the shared FEMNIST subset that have training data (one client per
 writer, the unit of privacy), LeNet, each writer joining each round independently with
 probability 0.2 (Poisson sampling, expected cohort 21), 1 local epoch of SGD (learning rate
-0.1, batch 10), uniform client weights, DP-FedAvgM (each update clipped to L2 norm 0.5, Gaussian
-noise of std z * 0.5 on the sum, divided by the expected cohort 21, server momentum 0.9), 50
+0.1, batch 10), uniform client weights, DP-FedAvg (each update clipped to L2 norm 0.5, Gaussian noise of std
+z * 0.5 on the sum, divided by the expected cohort 21, server learning rate 1), 50
 rounds, evaluated on the test split (writers the federation never trained on).
 ``experiments/dp_mechanisms.py`` calibrates z (and the other mechanisms' noise) to epsilon 1, 4
 and 8 at delta 1e-5. Noise from the seed (dp.reproducible=True): a reproducible simulation, not a
@@ -29,7 +29,7 @@ def get_config() -> Config:
         data=FEMNIST(),
         model=Model(name="lenet"),
         client=Client(learning_rate=0.1, batch_size=10, num_epochs=1, weighting="uniform"),
-        server=Server(algorithm="fedavgm", learning_rate=1.0, momentum=0.9),
+        server=Server(algorithm="fedavg", learning_rate=1.0),
         cohort=Cohort(sampling="poisson", q=0.2),
         dp=DP(clip_norm=0.5, noise_multiplier=1.0, sampling="poisson", delta=1e-5, reproducible=True),
         rounds=50,
