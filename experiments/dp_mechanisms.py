@@ -138,13 +138,19 @@ def main(argv=None) -> list[dict]:
         }
         rows[_row_key(row)] = row
         print(row, flush=True)
+        _write(results, _sorted(rows), base, path)  # after every run: an interrupted sweep keeps its rows
+    _write(results, _sorted(rows), base, path, show=True)
+    return _sorted(rows)
+
+
+def _sorted(rows: dict) -> list[dict]:
     order = {m: i for i, m in enumerate([*ALL, NONPRIVATE])}
-    rows = sorted(rows.values(), key=lambda r: (r["target_epsilon"] or float("inf"), order[r["mechanism"]]))
-    _write(results, rows, base, path)
-    return rows
+    return sorted(rows.values(), key=lambda r: (r["target_epsilon"] or float("inf"), order[r["mechanism"]]))
 
 
-def _write(results: pathlib.Path, rows: list[dict], base: experiment.Config, path: pathlib.Path) -> None:
+def _write(
+    results: pathlib.Path, rows: list[dict], base: experiment.Config, path: pathlib.Path, show=False
+) -> None:
     results.parent.mkdir(parents=True, exist_ok=True)
     facts = {"jax": jax.__version__, "cpus": os.cpu_count(), "config": path.stem}
     results.with_suffix(".json").write_text(outputs.dumps({"rows": rows, "run": facts}, indent=1) + "\n")
@@ -177,7 +183,8 @@ def _write(results: pathlib.Path, rows: list[dict], base: experiment.Config, pat
     )
     lines += ["", f"{facts['cpus']} CPU cores shared with other jobs, jax {facts['jax']}. Command: `{cmd}`."]
     results.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if show:
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":
