@@ -11,8 +11,9 @@ One config object builds both sides, so noise and epsilon cannot drift:
   account each silo with its own size, steps and rounds (``epsilon(cfg, rounds)``
   is a silo of ``cfg.num_examples`` records only);
 * :class:`DistributedDPConfig` -> :func:`distributed_dp` (the distributed discrete
-  Gaussian: clients add integer noise before a modular secure sum) and
-  :func:`distributed.epsilon` (its RDP bounds, Kairouz, Liu, Steinke 2021);
+  Gaussian: clients add integer noise before a modular secure sum, or Skellam noise
+  with ``mechanism="skellam"``, Agarwal, Kairouz, Liu 2021) and
+  :func:`distributed.epsilon` (their RDP bounds, Kairouz, Liu, Steinke 2021);
 * :class:`MFConfig` -> :func:`dp_ftrl` (DP-FTRL / banded and BLT matrix
   factorisation through ``jax_privacy``: correlated noise, no sampling
   amplification) and :func:`matrix_factorization.epsilon`.
@@ -29,6 +30,7 @@ from fljax.privacy import (
     dp_sgd,
     matrix_factorization,
     silo_accounting,
+    skellam,
 )
 from fljax.privacy.accounting import (
     PrivacyBudgetExceededError,
@@ -75,6 +77,7 @@ __all__ = [
     "per_example_gradients",
     "sample_cohort",
     "silo_accounting",
+    "skellam",
     "silo_epsilons",
     "silo_steps",
     "summary",

@@ -1,8 +1,9 @@
-"""Distributed DP over secure aggregation: the distributed discrete Gaussian (DDGauss).
+"""Distributed DP over secure aggregation: the distributed discrete Gaussian and Skellam.
 
 Each client adds its share of integer noise to its own discretised update
 before secure aggregation, so the server only ever sees the noised sum modulo
-``2**bits`` (Kairouz, Liu, Steinke 2021). One frozen
+``2**bits`` (Kairouz, Liu, Steinke 2021; with ``mechanism="skellam"``, Skellam
+noise, Agarwal, Kairouz, Liu 2021). One frozen
 :class:`DistributedDPConfig` builds both the mechanism (:func:`distributed_dp`,
 jitted) and its accounting (:func:`rdp`, :func:`epsilon`, host, plain numpy),
 so noise and epsilon cannot drift apart.
@@ -20,6 +21,7 @@ coordinates, padded with zeros to ``d' = 2**ceil(log2 d)``):
 5. add ``N_Z(0, s^2)`` noise in every coordinate, ``s = z C / (gamma sqrt(m))``
    (``m = min_clients``, default ``cohort_size``), so that ``m`` shares add up
    to about the continuous Gaussian's ``z C`` (:func:`fljax.privacy.discrete.discrete_gaussian`);
+   or Skellam noise of variance ``s^2`` (``mechanism="skellam"``, :func:`fljax.privacy.skellam.skellam`);
 6. reduce mod ``2**bits``; the ring sum over clients goes through the masking
    simulation of :func:`fljax.secagg.simulation.masked_ring_sum` (or a plain
    modular sum), or with ``protocol=True`` through the real protocol on the
@@ -44,6 +46,10 @@ code, google-research/federated ``distributed_dp/accounting_utils.py``)::
                       alpha/2 * (l2 + tau sqrt(d'))^2 )
     l2 = Delta_2 / (gamma sqrt(m) s),  l1 = Delta_1 / (gamma sqrt(m) s),
     tau = 10 * sum_{k=1}^{m-1} exp(-2 pi^2 s^2 k / (k + 1)).
+
+With ``mechanism="skellam"`` the summed noise is exactly Skellam of variance
+``mu = m s^2`` (no ``tau``): :func:`fljax.privacy.skellam.rdp` at integer orders
+with the same ``Delta_2`` and ``Delta_1`` in integer units (Agarwal et al. 2021).
 
 The modular reduction is post-processing of the noised sum and costs no
 privacy (the paper's treatment); it only costs accuracy when the true noised
@@ -77,6 +83,8 @@ References:
   Federated Learning with Secure Aggregation". ICML 2021 (arXiv:2102.06387).
   Canonne, Kamath, Steinke. "The Discrete Gaussian for Differential Privacy".
   NeurIPS 2020.
+  Agarwal, Kairouz, Liu. "The Skellam Mechanism for Differentially Private
+  Federated Learning". NeurIPS 2021.
   Zhu, Wang. "Poisson Subsampled Renyi Differential Privacy". ICML 2019.
 """
 
@@ -84,6 +92,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -94,7 +103,7 @@ from scipy import special
 from fljax import aggregators
 from fljax import random as fl_random
 from fljax.base import Aggregator, Params, PyTree
-from fljax.privacy import discrete
+from fljax.privacy import discrete, skellam
 from fljax.privacy.accounting import MechanismLedger
 from fljax.privacy.config import default_delta
 from fljax.secagg import encoding, simulation
@@ -103,6 +112,9 @@ from fljax.secagg.config import SecAggConfig
 
 DEFAULT_MASKING = SecAggConfig()
 """The default masking graph of :func:`distributed_dp`: the complete graph (Bonawitz et al. 2017)."""
+
+MECHANISMS = ("discrete_gaussian", "skellam")
+"""The noise of :attr:`DistributedDPConfig.mechanism`."""
 
 SUBSAMPLED_ORDERS = tuple(range(2, 257))
 """Integer RDP orders of the subsampled bound (Zhu and Wang's Theorem 5 needs integers)."""
@@ -117,7 +129,7 @@ squares."""
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DistributedDPConfig:
-    """Distributed discrete Gaussian over secure aggregation (frozen, hashable).
+    """Distributed discrete Gaussian or Skellam over secure aggregation (frozen, hashable).
 
     Unit of privacy: one client. Neighbouring relation: one client's update
     zeroed, noise shares of ``min_clients`` clients kept (add/remove under
@@ -146,6 +158,9 @@ class DistributedDPConfig:
       amplification: account Poisson sampling at rate ``cohort_size /
         population_size`` (Zhu-Wang bound); False: no amplification.
       delta: target delta; default :func:`fljax.privacy.config.default_delta`.
+      mechanism: the clients' integer noise, ``"discrete_gaussian"`` (Kairouz
+        et al. 2021) or ``"skellam"`` (Agarwal et al. 2021; exactly closed
+        under summation, accounted at integer orders only).
     """
 
     clip_norm: float
@@ -161,8 +176,11 @@ class DistributedDPConfig:
     max_rounding_tries: int = 32
     amplification: bool = True
     delta: float | None = None
+    mechanism: Literal["discrete_gaussian", "skellam"] = "discrete_gaussian"
 
     def __post_init__(self):
+        if self.mechanism not in MECHANISMS:
+            raise ValueError(f"mechanism must be one of {MECHANISMS}, got {self.mechanism!r}")
         if not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
             raise ValueError(f"clip_norm must be positive and finite, got {self.clip_norm}")
         if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
@@ -194,7 +212,7 @@ class DistributedDPConfig:
                 f"C / gamma = {self.clip_norm / self.gamma_value:.4g} is too large for float32 rounding "
                 "(the rounded norm must stay below 2**23); raise gamma or lower bits"
             )
-        if self.noise_multiplier > 0 and self.local_sigma < 0.5:
+        if self.mechanism == "discrete_gaussian" and self.noise_multiplier > 0 and self.local_sigma < 0.5:
             raise ValueError(
                 f"each client's noise std s = {self.local_sigma:.4g} (integer units) must be >= 1/2 for "
                 "the paper's bound; raise noise_multiplier or lower gamma (more bits)"
@@ -237,7 +255,7 @@ class DistributedDPConfig:
 
     @property
     def local_sigma(self) -> float:
-        """``s``: one client's discrete Gaussian std in integer units, ``local_stddev / gamma``."""
+        """``s``: one client's noise std in integer units, ``local_stddev / gamma``."""
         return self.local_stddev / self.gamma_value
 
     @property
@@ -264,9 +282,14 @@ class DistributedDPConfig:
 
     @property
     def tau(self) -> float:
-        """``tau = 10 sum_{k=1}^{m-1} exp(-2 pi^2 s^2 k / (k + 1))``: the sum's distance from a discrete Gaussian."""
+        """``tau = 10 sum_{k=1}^{m-1} exp(-2 pi^2 s^2 k / (k + 1))``: the sum's distance from a discrete Gaussian.
+
+        ``0`` for Skellam noise (a sum of Skellam shares is exactly Skellam).
+        """
         if self.noise_multiplier == 0:
             return math.inf
+        if self.mechanism == "skellam":
+            return 0.0
         k = np.arange(1, self.num_shares, dtype=np.float64)
         return float(10.0 * np.sum(np.exp(-2.0 * math.pi**2 * self.local_sigma**2 * k / (k + 1))))
 
@@ -304,13 +327,17 @@ class DistributedDPConfig:
 
 
 def rdp(config: DistributedDPConfig, orders) -> np.ndarray:
-    """RDP of ONE round without sampling at ``orders`` (Kairouz et al. 2021, Proposition 14).
+    """RDP of ONE round without sampling at ``orders`` (Kairouz et al. 2021, Proposition 14;
+    Skellam: Agarwal et al. 2021, :func:`fljax.privacy.skellam.rdp`, integer orders only).
 
-    ``inf`` without noise. See the module docstring for the formula.
+    ``inf`` without noise. See the module docstring for the formulas.
     """
     a = np.asarray(orders, np.float64)
     if config.noise_multiplier == 0:
         return np.full(a.shape, np.inf)
+    if config.mechanism == "skellam":
+        mu = config.num_shares * config.local_sigma**2  # (z C / gamma)^2
+        return skellam.rdp(a, l2=config.rounded_l2_bound, l1=config.rounded_l1_bound, mu=mu)
     total = config.gamma_value * math.sqrt(config.num_shares) * config.local_sigma  # = z C
     l2 = config.rounded_l2_bound * config.gamma_value / total
     l1 = config.rounded_l1_bound * config.gamma_value / total
@@ -364,8 +391,8 @@ def round_rdp(config: DistributedDPConfig, orders) -> np.ndarray:
 
 
 def accounting_orders(config: DistributedDPConfig) -> tuple[float, ...]:
-    """Integer orders 2..256 with amplification, else ``dp_accounting``'s default orders."""
-    if config.sampling_probability < 1:
+    """Integer orders 2..256 with amplification or Skellam noise, else ``dp_accounting``'s defaults."""
+    if config.sampling_probability < 1 or config.mechanism == "skellam":
         return SUBSAMPLED_ORDERS
     return tuple(float(a) for a in rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
 
@@ -396,7 +423,7 @@ def epsilon(config: DistributedDPConfig, rounds: int) -> float:
 def summary(config: DistributedDPConfig, rounds: int) -> dict:
     """A JSON-ready description of the guarantee and the mechanism's parameters."""
     return {
-        "mechanism": "distributed_discrete_gaussian",
+        "mechanism": f"distributed_{config.mechanism}",
         "unit_of_privacy": config.unit_of_privacy,
         "neighboring_relation": config.neighboring_relation,
         "epsilon": epsilon(config, rounds),
@@ -427,7 +454,7 @@ def _init(params: Params) -> aggregators.EmptyState:
 def distributed_dp(
     config: DistributedDPConfig, masking: SecAggConfig | None = DEFAULT_MASKING, *, protocol: bool = False
 ) -> Aggregator:
-    """The distributed discrete Gaussian mechanism as a complete mean aggregator.
+    """The distributed discrete Gaussian (or Skellam) mechanism as a complete mean aggregator.
 
     A complete aggregator (not a sum): the noise is added by the clients
     before the modular sum, so the sum cannot be swapped for another one; the
@@ -508,9 +535,14 @@ def distributed_dp(
     c_inner = jnp.float32(config.clip_norm * (1.0 - ROUNDING_MARGIN))
     half = float(2 ** (bits - 1))
 
+    def noise(key):
+        if config.mechanism == "skellam":
+            return skellam.skellam(key, (dpad,), sigma * sigma)
+        return discrete.discrete_gaussian(key, (dpad,), sigma)
+
     def client(y, rounding_key, noise_key):
         q, tries, fell_back = discrete.conditional_round(y, bound_sq, rounding_key, config.max_rounding_tries)
-        return q + discrete.discrete_gaussian(noise_key, (dpad,), sigma), tries, fell_back
+        return q + noise(noise_key), tries, fell_back
 
     def aggregate(state: PyTree, deltas: Params, weights: jax.Array, key: jax.Array):
         w, num_bad = aggregators.sanitize(deltas, weights)

@@ -1,4 +1,4 @@
-"""Distributed discrete Gaussian: sampler statistics, rotation, rounding, accounting, mechanism."""
+"""Distributed discrete Gaussian and Skellam: sampler statistics, rotation, rounding, accounting, mechanism."""
 
 import math
 
@@ -13,7 +13,8 @@ from dp_accounting.rdp import rdp_privacy_accountant
 
 from fljax import privacy
 from fljax.algorithms import fedavg
-from fljax.privacy import discrete, distributed
+from fljax.experiment import config as experiment_config
+from fljax.privacy import discrete, distributed, skellam
 from fljax.secagg import SecAggConfig, encoding, protocol, simulation
 from tests import helpers
 
@@ -233,11 +234,12 @@ def test_noiseless_decoded_sum_is_within_the_rounding_bound():
     assert int(metrics["dp_noise_shortfall"]) == 1  # 5 real clients < cohort_size 6
 
 
-def test_noised_decoded_sum_error_matches_the_noise_and_masks_cancel():
+@pytest.mark.parametrize("mechanism", distributed.MECHANISMS)
+def test_noised_decoded_sum_error_matches_the_noise_and_masks_cancel(mechanism):
     """(c) with noise: the error's per-coordinate variance is the noise's (plus rounding), no
     modular wrap at the configured bits, and the masked sum equals the plain modular sum."""
     n, d = 8, 1000
-    cfg = _cfg(dim=d, cohort_size=n, population_size=1000, bits=16)
+    cfg = _cfg(dim=d, cohort_size=n, population_size=1000, bits=16, mechanism=mechanism)
     deltas = _updates(jax.random.key(0), n, d)
     weights = jnp.ones((n,), jnp.float32)
     key = jax.random.key(1)
@@ -365,12 +367,14 @@ def test_protocol_ring_is_bit_identical_to_the_simulation_inside_fedavg(monkeypa
         assert bits == 20 and values.shape == (4, cfg.padded_dim) and not np.any(values[3])
 
 
-def test_protocol_ring_excludes_padding_and_nonfinite_clients_on_a_sparse_graph(monkeypatch):
+@pytest.mark.parametrize("mechanism", distributed.MECHANISMS)
+def test_protocol_ring_excludes_padding_and_nonfinite_clients_on_a_sparse_graph(monkeypatch, mechanism):
     """A non-finite client and a padding slot take part in the protocol with zero vectors: the
-    result equals the simulation's on the same slots and the plain sum over the real clients."""
+    result equals the simulation's on the same slots and the plain sum over the real clients,
+    bit for bit, for either noise."""
     calls = _protocol_spy(monkeypatch)
     n, d = 6, 10
-    cfg = _cfg(dim=d, cohort_size=4, population_size=100, noise_multiplier=0.7, bits=16)
+    cfg = _cfg(dim=d, cohort_size=4, population_size=100, noise_multiplier=0.7, bits=16, mechanism=mechanism)
     sparse = SecAggConfig(num_neighbors=2)
     deltas = _updates(jax.random.key(0), n, d)
     deltas = {"w": deltas["w"].at[4, 0].set(jnp.nan)}
@@ -392,3 +396,160 @@ def test_protocol_ring_excludes_padding_and_nonfinite_clients_on_a_sparse_graph(
 def test_protocol_ring_needs_a_masking_config():
     with pytest.raises(ValueError, match="masking"):
         distributed.distributed_dp(_cfg(), masking=None, protocol=True)
+
+
+# --- Skellam (Agarwal, Kairouz, Liu 2021) -----------------------------------------------------
+
+
+def _skellam_chi2_pvalue(samples, variance):
+    """Chi-square of ``samples`` against Skellam(variance): every integer with expected count
+    >= 20 its own bin when the support is narrow, else ~100 bins at normal quantiles."""
+    n = samples.size
+    law = scipy.stats.skellam(variance / 2, variance / 2)
+    if variance < 500:
+        x = np.arange(-int(20 * math.sqrt(variance)) - 20, int(20 * math.sqrt(variance)) + 21)
+        inner = x[n * law.pmf(x) >= 20]
+        edges = np.arange(inner.min() - 1, inner.max() + 1)  # bins (e_i, e_{i+1}]
+    else:
+        edges = np.unique(np.floor(scipy.stats.norm.ppf(np.arange(1, 100) / 100) * math.sqrt(variance)))
+    counts = np.bincount(np.searchsorted(edges, samples, side="left"), minlength=edges.size + 1)
+    expected = n * np.diff(np.concatenate([[0.0], law.cdf(edges), [1.0]]))
+    return scipy.stats.chisquare(counts, expected * counts.sum() / expected.sum()).pvalue
+
+
+@pytest.mark.parametrize("variance", [3.0, 60.0, 2e6])
+def test_skellam_matches_exact_pmf_and_rejects_wrong_scales(variance):
+    """(c) Knuth's path (mean 1.5), centred PTRS (mean 30) and a mean of 1e6, where
+    ``jax.random.poisson``'s float32 test departs from the pmf: chi-square against scipy's
+    Skellam accepts the right variance and rejects 0.67x and 1.5x."""
+    n = 200_000
+    samples = np.asarray(jax.jit(lambda k: skellam.skellam(k, (n,), variance))(jax.random.key(0)))
+    assert samples.dtype == np.int32
+    assert _skellam_chi2_pvalue(samples, variance) > 1e-3
+    assert _skellam_chi2_pvalue(samples, 0.67 * variance) < 1e-8
+    assert _skellam_chi2_pvalue(samples, 1.5 * variance) < 1e-8
+
+
+def test_skellam_poisson_offset_is_centred_and_exact_at_huge_means():
+    """A Poisson of mean 1e12 drawn as an int32 offset from floor(lam): no overflow, and its
+    mean and variance are lam's (5 standard errors)."""
+    lam, n = 1e12 + 0.25, 100_000
+    j = np.asarray(jax.jit(lambda k: skellam.poisson_offset(k, (n,), lam))(jax.random.key(3)), np.float64)
+    assert abs(j.mean() - 0.25) < 5 * math.sqrt(lam / n)
+    assert abs(j.var() / lam - 1) < 5 * math.sqrt(2 / n)
+    assert not np.any(np.asarray(skellam.skellam(jax.random.key(0), (4,), 0.0)))
+    with pytest.raises(ValueError, match="lam"):
+        skellam.poisson_offset(jax.random.key(0), (2,), 5.0)
+
+
+@pytest.mark.parametrize("mu", [2.0, 20.0, 2000.0])
+def test_skellam_bound_is_above_the_exact_renyi_divergence(mu):
+    """(b) The paper's bound against the exact Renyi divergence of two shifted one-dimensional
+    Skellam laws (scipy pmfs): above it, and within 1% + the bound's correction for large mu."""
+    law = scipy.stats.skellam(mu / 2, mu / 2)
+    x = np.arange(-int(30 * math.sqrt(mu)) - 60, int(30 * math.sqrt(mu)) + 61)
+    for shift in (1, 3):
+        lp, lq = law.logpmf(x - shift), law.logpmf(x)
+        finite = np.isfinite(lp) & np.isfinite(lq)  # beyond, both underflow (far past 30 stds)
+        assert finite.sum() > 10 * math.sqrt(mu)
+        for alpha in (2, 3, 8, 32):
+            log_terms = alpha * lp[finite] + (1 - alpha) * lq[finite]
+            exact = scipy.special.logsumexp(log_terms) / (alpha - 1)
+            bound = float(skellam.rdp([alpha], l2=shift, l1=shift, mu=mu)[0])
+            assert exact <= bound
+            if mu >= 2000:
+                assert bound <= 1.01 * exact + 3 * shift / (2 * mu)
+
+
+def _reference_skellam_rdp(scale, central_stddev, l2_sens, beta, dim, q, steps, orders):
+    """google-research/federated ``distributed_dp/accounting_utils.py``, ``skellam_epsilon``'s
+    RDP (before its conversion), transcribed in its own units: sensitivities in the update's units,
+    ``scale = 1 / gamma``, ``central_var = central_stddev**2``."""
+    c = l2_sens * scale  # rounded_l2_norm_bound, then rounded_l1_norm_bound
+    sq = c**2 + 0.25 * dim + math.sqrt(2.0 * math.log(1.0 / beta)) * (c + 0.5 * math.sqrt(dim))
+    rounded = min(c + math.sqrt(dim), math.sqrt(sq))
+    l2_sens = rounded / scale
+    l1_sens = rounded * min(math.sqrt(dim), rounded) / scale
+    mu, s = central_stddev**2, scale
+
+    def eps(a):
+        return a / (2 * mu) * l2_sens**2 + min(
+            ((2 * a - 1) * s * l2_sens**2 + 6 * l1_sens) / (4 * s**3 * mu**2), 3 * l1_sens / (2 * s * mu)
+        )
+
+    out = []
+    for a in orders:
+        terms = [0.0, eps(2)]
+        weights = [(1 - q) ** (a - 1) * (a * q - q + 1), scipy.special.comb(a, 2) * q**2 * (1 - q) ** (a - 2)]
+        for j in range(3, a + 1):
+            log_comb = (
+                scipy.special.gammaln(a + 1) - scipy.special.gammaln(j + 1) - scipy.special.gammaln(a - j + 1)
+            )
+            terms.append((j - 1) * eps(j) + log_comb + (a - j) * math.log(1 - q) + j * math.log(q))
+            weights.append(3)
+        out.append(min(scipy.special.logsumexp(terms, b=weights) / (a - 1), eps(a)))
+    return steps * np.array(out)
+
+
+def test_skellam_rdp_reproduces_the_reference_accounting():
+    """(b) One configuration (d' = 1024, C = 1, z = 1, 100 of 10 000 clients, 16 bits, the
+    heuristic gamma, beta = exp(-1/2), 100 rounds) through the authors' reference formula in its
+    units: the same RDP at orders 2..64, hence the same epsilon."""
+    cfg = _cfg(mechanism="skellam", bits=16)
+    orders = list(range(2, 65))
+    ours = 100 * distributed.round_rdp(cfg, orders)
+    ref = _reference_skellam_rdp(
+        scale=1 / cfg.gamma_value,
+        central_stddev=cfg.noise_multiplier * cfg.clip_norm,
+        l2_sens=cfg.clip_norm,
+        beta=cfg.beta,
+        dim=cfg.padded_dim,
+        q=cfg.sampling_probability,
+        steps=100,
+        orders=orders,
+    )
+    np.testing.assert_allclose(ours, ref, rtol=1e-9)
+
+
+def test_skellam_epsilon_converges_to_the_continuous_gaussian_as_mu_grows():
+    """(a) gamma -> 0, mu = (z C / gamma)^2 -> inf: epsilon decreases to the continuous
+    Gaussian's at the same std, at the same integer orders, never below it; sampled too."""
+    cfg0 = _cfg(amplification=False, mechanism="skellam")
+    orders = distributed.accounting_orders(cfg0)
+    assert orders == distributed.SUBSAMPLED_ORDERS
+    target = _gaussian_epsilon(1.0, 10, cfg0.target_delta, orders)
+    gaps = []
+    for gamma in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5):
+        eps = distributed.epsilon(cfg0.replace(gamma=gamma), 10)
+        assert eps >= target * (1 - 1e-12)
+        gaps.append(eps / target - 1)
+    assert all(a > b for a, b in zip(gaps, gaps[1:], strict=False)) and gaps[-1] < 1e-4
+    # many clients, little noise each (s ~ 0.53): the discrete Gaussian sum's tau costs much more
+    # than the exact Skellam sum (the regime the paper introduces Skellam for)
+    ddg = _cfg(amplification=False, cohort_size=1000, population_size=10_000, gamma=0.06)
+    sk = ddg.replace(mechanism="skellam")
+    assert sk.tau == 0.0 < ddg.tau
+    assert distributed.epsilon(sk, 1) < 0.5 * distributed.epsilon(ddg, 1)
+    # with Poisson sampling, against the same Zhu-Wang bound on a Gaussian base
+    cfg = _cfg(mechanism="skellam", gamma=1e-5, delta=1e-5)
+    base = distributed.poisson_subsampled_rdp(lambda a: a / 2.0, cfg.sampling_probability, orders)
+    expected, _ = rdp_privacy_accountant.compute_epsilon(orders, 100 * base, 1e-5)
+    assert distributed.epsilon(cfg, 100) == pytest.approx(expected, rel=1e-3)
+    assert distributed.summary(cfg, 10)["mechanism"] == "distributed_skellam"
+
+
+def test_skellam_config_and_trainer_section():
+    with pytest.raises(ValueError, match="mechanism"):
+        _cfg(mechanism="laplace")
+    # Skellam has no lower limit on the shares' std (the discrete Gaussian's bound needs s >= 1/2)
+    with pytest.raises(ValueError, match="1/2"):
+        _cfg(gamma=1.0, noise_multiplier=0.1)
+    assert 0 < distributed.epsilon(_cfg(gamma=1.0, noise_multiplier=0.1, mechanism="skellam"), 1) < math.inf
+    base = experiment_config.Config(
+        distributed_dp=experiment_config.DistributedDP(clip_norm=1.0, noise_multiplier=1.0)
+    )
+    cfg = experiment_config.apply_overrides(base, ["distributed_dp.mechanism=skellam"])
+    assert experiment_config.distributed_dp_config(cfg, 100, dim=10).mechanism == "skellam"
+    assert experiment_config.distributed_dp_config(base, 100, dim=10).mechanism == "discrete_gaussian"
+    with pytest.raises(experiment_config.ConfigError, match="mechanism"):
+        experiment_config.apply_overrides(base, ["distributed_dp.mechanism=laplace"])
