@@ -77,8 +77,8 @@ __all__ = [
     "per_example_gradients",
     "sample_cohort",
     "silo_accounting",
-    "skellam",
     "silo_epsilons",
     "silo_steps",
+    "skellam",
     "summary",
 ]
