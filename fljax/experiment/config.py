@@ -254,6 +254,16 @@ class Server:
 
 
 @dataclasses.dataclass(frozen=True)
+class FineTune:
+    """The ``"personalized"`` baseline: each client fine-tunes the final federated model on its
+    own training data (:func:`fljax.personalization.fine_tune`, the client's optimizer, batch
+    size and ``max_steps``); 0 epochs reproduce the federated column."""
+
+    num_epochs: int = field(5, _integer(0), doc="local epochs from the federated model (0: none)")
+    learning_rate: float | None = field(None, POSITIVE, doc="default: client.learning_rate")
+
+
+@dataclasses.dataclass(frozen=True)
 class Cohort:
     """Which clients join a round: all, ``size`` uniformly without replacement, or each with
     probability ``q`` (Poisson, padded to ``max_size``). With DP, the DP section decides."""
@@ -324,7 +334,8 @@ DistributedDP.__doc__ = (
     "data's) and the trainer's ``budget_epsilon``, ``reproducible`` and "
     "``release_unnoised_metrics`` (as in ``DP``)."
 )
-"""The ``distributed_dp`` section: the distributed discrete Gaussian (Kairouz, Liu, Steinke 2021):
+"""The ``distributed_dp`` section: the distributed discrete Gaussian (Kairouz, Liu, Steinke 2021),
+or with ``mechanism="skellam"`` the Skellam mechanism (Agarwal, Kairouz, Liu 2021):
 each client adds integer noise to its rotated, rounded update before the masked modular sum, so
 the server only ever sees a noised sum. Masking follows the ``secagg`` section (default: the
 complete graph). Excludes ``dp``."""
@@ -345,7 +356,7 @@ SecAgg = secagg.SecAggConfig
 """The ``secagg`` section: :class:`fljax.secagg.SecAggConfig` (fixed-point encoding and pairwise
 masking, simulated inside the jitted round); with ``dp``, DP runs over the secure sum."""
 
-BASELINES = ("local", "nonprivate", "pooled")
+BASELINES = ("local", "nonprivate", "pooled", "personalized")
 AGGREGATORS = ("weighted_mean", "uniform_mean", "median", "trimmed_mean")
 
 
@@ -370,8 +381,9 @@ class Config:
 
     ``repeats`` runs the experiment with seeds ``seed, seed + 1, ...`` (and split seeds
     likewise); ``baselines`` adds, after the federated run, each client trained alone
-    (``"local"``), the same federation without DP or secure aggregation (``"nonprivate"``) and
-    one model on the pooled data (``"pooled"``), all non-private. ``metrics`` adds
+    (``"local"``), the same federation without DP or secure aggregation (``"nonprivate"``),
+    one model on the pooled data (``"pooled"``), all non-private, and the federated model
+    fine-tuned by each client on its own data (``"personalized"``, settings in ``fine_tune``). ``metrics`` adds
     classification metrics (AUC, average precision, balanced accuracy, per-class recall, ECE)
     to each evaluation. ``aggregator`` replaces the algorithm's own (example-weighted mean for
     the FedAvg family); with ``dp`` and/or ``secagg`` the aggregation is DP over a secure sum.
@@ -388,7 +400,8 @@ class Config:
     eval_every: int = field(1, COUNT)
     checkpoint_every: int = field(10, _integer(0), doc="0: no checkpoints")
     repeats: int = field(1, COUNT)
-    baselines: tuple[Literal["local", "nonprivate", "pooled"], ...] = ()
+    baselines: tuple[Literal["local", "nonprivate", "pooled", "personalized"], ...] = ()
+    fine_tune: FineTune = FineTune()
     metrics: tuple[str, ...] = field((), _metric_names)
     aggregator: Literal["weighted_mean", "uniform_mean", "median", "trimmed_mean"] | None = None
     trim_fraction: float = field(

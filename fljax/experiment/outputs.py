@@ -95,8 +95,14 @@ def _jsonable(o):
     return o.tolist() if hasattr(o, "tolist") else str(o)
 
 
-COLUMNS = ("local", "nonprivate", "federated", "pooled")
-HEADS = {"local": "alone", "nonprivate": "fed., no DP", "federated": "federated", "pooled": "pooled data"}
+COLUMNS = ("local", "nonprivate", "federated", "personalized", "pooled")
+HEADS = {
+    "local": "alone",
+    "nonprivate": "fed., no DP",
+    "federated": "federated",
+    "personalized": "fed.+personal.",
+    "pooled": "pooled data",
+}
 
 
 def print_table(table: dict) -> None:

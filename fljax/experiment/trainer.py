@@ -47,7 +47,7 @@ import jax
 import numpy as np
 import optax
 
-from fljax import aggregators, checkpoint, client, evaluation, models, privacy, secagg
+from fljax import aggregators, checkpoint, client, evaluation, models, personalization, privacy, secagg
 from fljax import random as fl_random
 from fljax.algorithms import (
     fedavg,
@@ -588,7 +588,7 @@ def run_once(
         summary["partition"] = data.report
     table = None
     if config.baselines:
-        table = _baselines(config, data, model, names, records, progress)
+        table = _baselines(config, data, model, names, records, progress, trained.state.params)
     outputs.write_atomic(
         out / "summary.json", outputs.dumps(summary | {"per_client_test_accuracy": table}, indent=1)
     )
@@ -615,10 +615,10 @@ def _without_privacy(config: Config, population: int) -> Config:
     return dataclasses.replace(config, cohort=cohort, dp=None, distributed_dp=None, dp_ftrl=None, secagg=None)
 
 
-def _baselines(config: Config, data: data_lib.Prepared, model, names, records, progress) -> dict:
+def _baselines(config: Config, data: data_lib.Prepared, model, names, records, progress, params) -> dict:
     """Each client's held-out accuracy (central test accuracy without per-client test data)
-    under the federated model and under each baseline. Baselines are non-private: they show
-    what a client gives up or gains by federating."""
+    under the federated model (final ``params``) and under each baseline. Baselines are
+    non-private: they show what a client gives up or gains by federating."""
     train_data, test_data = data.train, data.test
     alone = dataclasses.replace(
         config, cohort=cfg.Cohort(), dp=None, distributed_dp=None, dp_ftrl=None, secagg=None
@@ -635,6 +635,8 @@ def _baselines(config: Config, data: data_lib.Prepared, model, names, records, p
     else:  # a central test set: one row, "all clients"
         table = {"client": ["central test"], "test_sizes": [len(data.central_test[1])]}
         table["federated"] = [records[-1]["test_accuracy"]]
+    if "personalized" in config.baselines:
+        table["personalized"] = _personalized(config, data, model, params)
     if "local" in config.baselines:
         table["local"] = []
         for c in range(train_data.num_clients):
@@ -672,6 +674,38 @@ def _baselines(config: Config, data: data_lib.Prepared, model, names, records, p
     return table
 
 
+_FINE_TUNE: dict = {}
+
+
+def _personalized(config: Config, data: data_lib.Prepared, model, params) -> list[float]:
+    """Each client's held-out accuracy after fine-tuning the federated ``params`` on its own
+    training data (``config.fine_tune``); one number, their mean over clients, with a central
+    test set."""
+    c, ft = config.client, config.fine_tune
+    cache_key = (repr(model), c, ft)
+    if cache_key not in _FINE_TUNE:
+        optimizer = build_optimizer(dataclasses.replace(c, learning_rate=ft.learning_rate or c.learning_rate))
+        options = dict(batch_size=c.batch_size, num_epochs=ft.num_epochs, max_steps=c.max_steps)
+        _FINE_TUNE[cache_key] = jax.jit(
+            lambda p, cohort, k: personalization.fine_tune(model, optimizer, p, cohort, k, **options)
+        )
+    train_data = data.train
+    multiple = 4 * c.batch_size  # as train(): similar populations share one compiled program
+    num_examples = -(-int(train_data.sizes.max()) // multiple) * multiple
+    cohort = train_data.cohort(np.arange(train_data.num_clients), num_examples=num_examples)
+    key = fl_random.stream(fl_random.run_key(config.seed), "eval")
+    personal = _FINE_TUNE[cache_key](params, cohort, key)
+    if data.test is not None:
+        return personalization.personalized_evaluate(model, personal, data.test)["per_client_accuracy"]
+    accs = [
+        evaluation.evaluate(model, jax.tree.map(lambda a, i=i: a[i], personal), *data.central_test)[
+            "accuracy"
+        ]
+        for i in range(train_data.num_clients)
+    ]
+    return [float(np.mean(accs))]
+
+
 # What a run folder holds that must never be lost without overwrite.
 RESULTS = ("metrics.jsonl", "checkpoints", "summary.json", "repeats")
 # Everything a run writes, deleted by overwrite (never the folder itself, which may hold more).
@@ -684,6 +718,9 @@ RESUMABLE = {
     "eval_every": "changes what is measured, not what is trained",
     "checkpoint_every": "changes when the state is saved, not what is computed",
     "baselines": "baselines are trained from scratch after the federated run, never resumed",
+    "fine_tune": "the personalized baseline runs after the federated run, never resumed",
+    "fine_tune.num_epochs": "the personalized baseline runs after the federated run, never resumed",
+    "fine_tune.learning_rate": "the personalized baseline runs after the federated run, never resumed",
     "repeats": "each repeat is a run of its own in <out>/repeats/<i>, resumed or started alone",
     "metrics": "changes what is measured, not what is trained",
 }
