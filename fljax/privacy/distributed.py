@@ -74,9 +74,11 @@ Sensitivity: ``Delta_2`` above (``>= C``).
 What this is not: the noise and (without ``protocol=True``) the masks come
 from ``jax.random`` (not a cryptographic generator) and every party lives in
 one process: it reproduces the mechanism's arithmetic, accuracy and
-accounting. The accounting assumes at least ``m`` clients add their share; a
-round with fewer real clients has less noise than accounted and is flagged
-``dp_noise_shortfall``.
+accounting. The accounting assumes at least ``m`` clients' noise shares in the
+sum; a round with fewer (Poisson sampling drew fewer clients, or some dropped
+out after adding noise) is withheld: the aggregate is zero and ``aborted`` and
+``dp_noise_shortfall`` are 1, so no sum is ever released with less noise than
+accounted.
 
 References:
   Kairouz, Liu, Steinke. "The Distributed Discrete Gaussian Mechanism for
@@ -127,6 +129,11 @@ fallback (towards zero) stays below ``Delta_2``; the rounding check accepts ``||
 squares."""
 
 
+POISSON_MARGIN = 3.0
+"""Standard deviations of the Poisson cohort size below its mean at which the default
+:attr:`DistributedDPConfig.num_shares` is set (a round with fewer clients is withheld)."""
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DistributedDPConfig:
     """Distributed discrete Gaussian or Skellam over secure aggregation (frozen, hashable).
@@ -151,8 +158,13 @@ class DistributedDPConfig:
         ``exp(-0.5)``); ``0`` disables the conditioning (looser ``Delta_2``).
       k_stddevs: standard deviations of the aggregate the heuristic ``gamma``
         keeps inside the ring.
-      min_clients: ``m``, the number of noise shares the accounting counts
-        (default ``cohort_size``); a round with fewer real clients is flagged.
+      min_clients: ``m``, the number of noise shares the accounting counts; a
+        round in which fewer than ``m`` clients' noised inputs reach the sum
+        (Poisson sampling drew fewer, or some dropped out) is withheld (zero
+        update, ``aborted``), never released with less noise than accounted.
+        Default (:attr:`num_shares`): ``cohort_size`` without amplification;
+        with Poisson sampling, :data:`POISSON_MARGIN` standard deviations below
+        the expected cohort. With dropouts, set it below the expected survivors.
       max_rounding_tries: tries of the conditional rounding before rounding
         towards zero (probability at most ``beta ** max_rounding_tries``).
       amplification: account Poisson sampling at rate ``cohort_size /
@@ -226,8 +238,19 @@ class DistributedDPConfig:
 
     @property
     def num_shares(self) -> int:
-        """``m``: noise shares the accounting counts (``min_clients`` or ``cohort_size``)."""
-        return self.min_clients if self.min_clients is not None else self.cohort_size
+        """``m``: noise shares the accounting counts, and the fewest noised inputs a released
+        round has. ``min_clients``; else ``cohort_size`` (fixed cohorts, ``amplification=False``);
+        else, under Poisson sampling at rate ``q = cohort_size / population_size``,
+        ``floor(n - k sqrt(n (1 - q)))`` with ``n = cohort_size`` and ``k =``
+        :data:`POISSON_MARGIN` (at least 1): a round drawing fewer clients (probability about
+        0.1%) is withheld, and each client's share is ``sqrt(n / m)`` times larger than an
+        exact count would need."""
+        if self.min_clients is not None:
+            return self.min_clients
+        if not self.amplification:
+            return self.cohort_size
+        n, q = self.cohort_size, self.cohort_size / self.population_size
+        return max(1, math.floor(n - POISSON_MARGIN * math.sqrt(n * (1.0 - q))))
 
     @property
     def local_stddev(self) -> float:
@@ -497,8 +520,11 @@ def distributed_dp(
     Args:
       config: the mechanism and its accounting.
       masking: secure-aggregation masking graph for the ring sum
-        (:func:`fljax.secagg.simulation.masked_ring_sum`), or ``None``.
-        ``dropout_rate`` must be 0 (a dropped client takes its noise share with it).
+        (:func:`fljax.secagg.simulation.masked_ring_sum`), or ``None``. Its
+        ``dropout_rate`` simulates clients that drop out after adding their
+        noise, before sending their masked input (stream ``"dropout"``): their
+        noise share leaves with them, so a round whose survivors number fewer
+        than ``config.num_shares`` is withheld.
       protocol: run the ring sum through the real protocol on the host
         instead of the masking simulation (needs ``masking``).
 
@@ -508,7 +534,9 @@ def distributed_dp(
       ``dp_noise_std`` (std of the summed noise in update units),
       ``dp_sensitivity``, ``dp_gamma``, ``dp_rounding_tries`` (mean over
       clients), ``dp_rounding_fallbacks``, ``dp_noise_shortfall`` (1 when fewer
-      than ``m`` clients added noise), ``dp_wrapped_coordinates``, ``aborted``.
+      than ``m`` noised inputs reached the sum: the round is withheld),
+      ``num_dropped``, ``dp_wrapped_coordinates``, ``aborted`` (withheld:
+      a noise shortfall, or the masking would abort; the update is zero).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -523,8 +551,6 @@ def distributed_dp(
       >>> mean["w"].shape, int(metrics["num_clipped"]), int(metrics["dp_wrapped_coordinates"])
       ((3,), 1, 0)
     """
-    if masking is not None and masking.dropout_rate > 0:
-        raise ValueError("distributed_dp does not simulate dropouts: a dropped client takes its noise share")
     if protocol and masking is None:
         raise ValueError("protocol=True needs a masking config (the protocol's graph and threshold)")
     gamma = config.gamma_value
@@ -563,7 +589,11 @@ def distributed_dp(
         v, tries, fell_back = jax.vmap(client)(y, round_keys, noise_keys)
         v = jnp.where(valid[:, None], v, jnp.zeros((), jnp.int32))
         ring = encoding.to_ring(v, bits)
-        alive = jnp.ones((n,), jnp.bool_)  # every slot takes part; padding sends zeros
+        if masking is not None and masking.dropout_rate > 0:
+            u = jax.random.uniform(fl_random.stream(key, "dropout"), (n,), jnp.float32)
+            alive = u >= jnp.float32(masking.dropout_rate)
+        else:
+            alive = jnp.ones((n,), jnp.bool_)  # every slot takes part; padding sends zeros
         if masking is None:
             total, aborted = encoding.ring_sum(ring, bits), jnp.zeros((), jnp.bool_)
         elif protocol:
@@ -572,23 +602,29 @@ def distributed_dp(
             total, aborted = simulation.masked_ring_sum(
                 ring, alive, fl_random.stream(key, "masks"), masking, bits
             )
+        # Fewer noise shares than accounted reach the sum: withhold the round (release nothing).
+        num_noised = jnp.sum(valid & alive).astype(jnp.int32)
+        shortfall = num_noised < config.num_shares
+        aborted = aborted | shortfall
+        total = jnp.where(aborted, jnp.zeros_like(total), total)
         decoded = encoding.from_ring(total, bits).astype(jnp.float32) * jnp.float32(gamma)
         flat = discrete.unrotate(decoded, signs, dim) / jnp.float32(config.denominator)
-        unreduced = jnp.sum(v.astype(jnp.float32), axis=0)
+        unreduced = jnp.sum(jnp.where(alive[:, None], v, 0).astype(jnp.float32), axis=0)
         num_valid = jnp.sum(valid).astype(jnp.int32)
         metrics = {
             "num_nonfinite": num_bad,
-            "num_clients": num_valid,
+            "num_clients": num_noised,
+            "num_dropped": jnp.sum(valid & ~alive).astype(jnp.int32),
             "num_clipped": jnp.sum(valid & (norms > c)).astype(jnp.int32),
-            "total_weight": num_valid.astype(jnp.float32),
+            "total_weight": num_noised.astype(jnp.float32),
             "dp_clip_norm": c,
-            "dp_noise_std": jnp.float32(gamma * sigma) * jnp.sqrt(num_valid.astype(jnp.float32)),
+            "dp_noise_std": jnp.float32(gamma * sigma) * jnp.sqrt(num_noised.astype(jnp.float32)),
             "dp_sensitivity": jnp.float32(config.sensitivity),
             "dp_gamma": jnp.float32(gamma),
             "dp_rounding_tries": jnp.sum(jnp.where(valid, tries, 0)).astype(jnp.float32)
             / jnp.maximum(num_valid, 1).astype(jnp.float32),
             "dp_rounding_fallbacks": jnp.sum(valid & fell_back).astype(jnp.int32),
-            "dp_noise_shortfall": (num_valid < config.num_shares).astype(jnp.int32),
+            "dp_noise_shortfall": shortfall.astype(jnp.int32),
             "dp_wrapped_coordinates": jnp.sum((unreduced >= half) | (unreduced < -half)).astype(jnp.int32),
             "aborted": aborted.astype(jnp.int32),
         }

@@ -12,6 +12,7 @@ import scipy.stats
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from fljax import privacy
+from fljax import random as fl_random
 from fljax.algorithms import fedavg
 from fljax.experiment import config as experiment_config
 from fljax.privacy import discrete, distributed, skellam
@@ -231,7 +232,8 @@ def test_noiseless_decoded_sum_is_within_the_rounding_bound():
     err = np.asarray(mean["w"], np.float64) * n - _clipped_sum(deltas, weights, 1.0)
     assert np.linalg.norm(err) <= 5 * cfg.gamma_value * math.sqrt(cfg.padded_dim) + 1e-5
     assert int(metrics["dp_wrapped_coordinates"]) == 0 and int(metrics["num_clients"]) == 5
-    assert int(metrics["dp_noise_shortfall"]) == 1  # 5 real clients < cohort_size 6
+    # Poisson sampling, expected 6 of 100: the default m is 3 sd below 6, i.e. 1 share suffices.
+    assert cfg.num_shares == 1 and int(metrics["dp_noise_shortfall"]) == 0
 
 
 @pytest.mark.parametrize("mechanism", distributed.MECHANISMS)
@@ -553,3 +555,52 @@ def test_skellam_config_and_trainer_section():
     assert experiment_config.distributed_dp_config(base, 100, dim=10).mechanism == "discrete_gaussian"
     with pytest.raises(experiment_config.ConfigError, match="mechanism"):
         experiment_config.apply_overrides(base, ["distributed_dp.mechanism=laplace"])
+
+
+def test_default_noise_shares_leave_room_for_poisson_sampling():
+    """Under Poisson sampling the default m sits POISSON_MARGIN sd below the expected cohort."""
+    cfg = _cfg(cohort_size=100, population_size=1000)
+    assert cfg.num_shares == math.floor(100 - distributed.POISSON_MARGIN * math.sqrt(100 * 0.9)) == 71
+    assert cfg.replace(amplification=False).num_shares == 100
+    assert cfg.replace(min_clients=90).num_shares == 90
+    # each share is larger, so m shares alone carry the accounted noise z C
+    assert cfg.local_stddev * math.sqrt(cfg.num_shares) == pytest.approx(cfg.noise_multiplier * cfg.clip_norm)
+
+
+def _dropout_case(min_clients, dropout_rate=0.4):
+    n, d = 8, 64
+    cfg = _cfg(dim=d, cohort_size=n, population_size=1000, noise_multiplier=0.0, gamma=1e-4, bits=20)
+    cfg = cfg.replace(min_clients=min_clients)
+    masking = SecAggConfig(clip_range=1.0, frac_bits=16, dropout_rate=dropout_rate, threshold=5)
+    deltas = _updates(jax.random.key(0), n, d)
+    weights = jnp.ones((n,), jnp.float32).at[7].set(0.0)  # one padding slot
+    key = jax.random.key(3)
+    _, mean, metrics = _aggregate(cfg, deltas, weights, key, masking=masking)
+    u = jax.random.uniform(fl_random.stream(key, "dropout"), (n,), jnp.float32)
+    alive = np.asarray(u >= jnp.float32(dropout_rate)) & (np.asarray(weights) > 0)
+    return cfg, deltas, mean, metrics, alive
+
+
+def test_dropouts_sum_the_survivors_and_withhold_a_round_short_of_noise_shares():
+    """A client that drops after adding its noise takes its share with it: the decoded sum is the
+    survivors' (rounding only, z = 0 here), and with fewer survivors than m the round is withheld."""
+    cfg, deltas, mean, metrics, alive = _dropout_case(min_clients=1)
+    assert 0 < alive.sum() < 7 and int(metrics["num_dropped"]) == 7 - alive.sum()
+    assert int(metrics["num_clients"]) == alive.sum() and int(metrics["aborted"]) == 0
+    ref = _clipped_sum(deltas, jnp.asarray(alive, jnp.float32), 1.0) / 8
+    np.testing.assert_allclose(mean["w"], ref, atol=8 * cfg.gamma_value * math.sqrt(cfg.padded_dim) / 8)
+    _, _, mean, metrics, alive = _dropout_case(min_clients=int(alive.sum()) + 1)
+    assert int(metrics["dp_noise_shortfall"]) == 1 and int(metrics["aborted"]) == 1
+    assert not np.any(np.asarray(mean["w"]))  # nothing released
+
+
+def test_a_poisson_cohort_short_of_noise_shares_is_withheld():
+    n, d = 6, 32
+    cfg = _cfg(dim=d, cohort_size=n, population_size=100, noise_multiplier=1.0, bits=20, min_clients=6)
+    deltas = _updates(jax.random.key(0), n, d)
+    full = jnp.ones((n,), jnp.float32)
+    _, mean, metrics = _aggregate(cfg, deltas, full, jax.random.key(1))
+    assert int(metrics["aborted"]) == 0 and np.any(np.asarray(mean["w"]))
+    _, mean, metrics = _aggregate(cfg, deltas, full.at[5].set(0.0), jax.random.key(1))
+    assert int(metrics["dp_noise_shortfall"]) == 1 and int(metrics["aborted"]) == 1
+    assert not np.any(np.asarray(mean["w"]))
