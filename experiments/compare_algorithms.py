@@ -157,7 +157,7 @@ def main(argv=None) -> list[dict]:
                         "worst_client_accuracy": None if per_client is None else min(per_client),
                         "rounds_to_target": _rounds_to(curve, targets[task]),
                         "curve": curve,
-                        "seconds": time.perf_counter() - t0,
+                        "seconds": summary.get("wall_sec", time.perf_counter() - t0),
                     }
                 )
                 print(task, algorithm, {k: v for k, v in runs[-1].items() if k != "curve"}, flush=True)

@@ -112,8 +112,8 @@ class Configurable:
         self._build = build
         self._fn = build(self.performance)
 
-    def __call__(self, *args):
-        return self._fn(*args)
+    def __call__(self, *args, **kwargs):
+        return self._fn(*args, **kwargs)
 
     def with_performance(self, performance: Performance) -> Configurable:
         return Configurable(self._build, performance)
@@ -155,6 +155,7 @@ def train_locally(
     max_steps: int | None = None,
     unroll: int | bool = 1,
     correct: Callable[[Params, Params], Params] | None = None,
+    step_budget: jax.Array | None = None,
 ) -> tuple[Params, jax.Array, jax.Array]:
     """Minibatch optimisation of ONE client's ``params`` on its ``data``.
 
@@ -162,6 +163,10 @@ def train_locally(
     from a fresh state. A minibatch made only of padding leaves parameters AND
     optimizer state untouched. ``correct(grad, params) -> grad`` adjusts each
     minibatch gradient (FedProx's proximal term, SCAFFOLD's control variates).
+    ``step_budget`` (a traced integer scalar, e.g. from
+    :func:`fljax.heterogeneity.work_budget`) caps the real steps over all
+    epochs: the steps after the first ``step_budget`` are masked exactly like
+    padding minibatches (a straggler stopped by a deadline).
 
     Returns:
       ``(params, mean_loss, num_steps)``: the local model, the mean minibatch
@@ -192,6 +197,8 @@ def train_locally(
             updates, new_opt_state = optimizer.update(grad, opt_state, params)
             new_params = optax.apply_updates(params, updates)
             real = jnp.any(mask)
+            if step_budget is not None:
+                real = real & (step_count < jnp.asarray(step_budget).astype(jnp.float32))
             keep = lambda new, old: jnp.where(real, new, old)
             params = jax.tree.map(keep, new_params, params)
             opt_state = jax.tree.map(keep, new_opt_state, opt_state)
@@ -242,7 +249,9 @@ def local_sgd(
     Returns:
       A :class:`Configurable` ``client_update(server_params, data, key) ->
       ClientOutput``; metrics are ``train_loss`` (mean minibatch loss over real
-      steps) and ``num_examples``. The round's :class:`~fljax.base.Performance`
+      steps), ``num_examples`` and ``num_steps`` (real local steps taken). It also takes an optional traced
+      ``step_budget`` keyword (see :func:`train_locally`), which
+      :func:`fljax.heterogeneity.with_deadline` passes. The round's :class:`~fljax.base.Performance`
       decides the fast conv path, compute dtype and scan unrolling.
 
     Examples:
@@ -277,13 +286,15 @@ def local_sgd(
             else masked_mean_gradient(fast_apply(model, performance), loss_fn)
         )
 
-        def client_update(server_params: Params, data: ClientData, key: jax.Array) -> ClientOutput:
+        def client_update(
+            server_params: Params, data: ClientData, key: jax.Array, step_budget: jax.Array | None = None
+        ) -> ClientOutput:
             correct = None
             if proximal_mu:
                 correct = lambda g, p: jax.tree.map(
                     lambda gi, pi, si: gi + proximal_mu * (pi - si), g, p, server_params
                 )
-            params, loss, _ = train_locally(
+            params, loss, steps = train_locally(
                 grad_fn,
                 optimizer,
                 server_params,
@@ -294,10 +305,12 @@ def local_sgd(
                 max_steps=max_steps,
                 unroll=performance.unroll,
                 correct=correct,
+                step_budget=step_budget,
             )
             n = jnp.sum(data.mask.astype(jnp.float32))
             delta = jax.tree.map(lambda s, p: s - p, server_params, params)
-            return ClientOutput(delta, client_weight(n, weighting), {"train_loss": loss, "num_examples": n})
+            metrics = {"train_loss": loss, "num_examples": n, "num_steps": steps}
+            return ClientOutput(delta, client_weight(n, weighting), metrics)
 
         return client_update
 

@@ -2,12 +2,15 @@
 ``name(client_update, *, <server hyperparameters>, aggregator=None) -> FederatedAlgorithm``."""
 
 from fljax.algorithms import (
+    ditto,
     fedavg,
     fedavgm,
+    fedbuff,
     feddyn,
     fednova,
     fedopt,
     fedprox,
+    fedrep,
     fedsgd,
     mimelite,
     qffl,
@@ -15,12 +18,15 @@ from fljax.algorithms import (
 )
 
 __all__ = [
+    "ditto",
     "fedavg",
     "fedavgm",
+    "fedbuff",
     "feddyn",
     "fednova",
     "fedopt",
     "fedprox",
+    "fedrep",
     "fedsgd",
     "mimelite",
     "qffl",

@@ -101,7 +101,9 @@ def fednova_client(
     Returns:
       A client update whose ``delta`` is ``(x - y_i) / a_i`` (zero for a client
       that took no step) and whose metrics add ``num_steps`` (``tau_i``) and
-      ``normalizer`` (``a_i``, read by :func:`fednova`).
+      ``normalizer`` (``a_i``, read by :func:`fednova`). It takes an optional
+      traced ``step_budget`` keyword (:func:`fljax.heterogeneity.with_deadline`):
+      ``tau_i`` is then the steps done before the deadline.
     """
     if not learning_rate > 0:
         raise ValueError(f"learning_rate must be positive, got {learning_rate}")
@@ -120,7 +122,9 @@ def fednova_client(
     def build(performance: Performance) -> ClientUpdate:
         grad_fn = client.masked_mean_gradient(client.fast_apply(model, performance), loss_fn)
 
-        def update(server_params: Params, data: ClientData, key: jax.Array) -> ClientOutput:
+        def update(
+            server_params: Params, data: ClientData, key: jax.Array, step_budget: jax.Array | None = None
+        ) -> ClientOutput:
             params, loss, steps = client.train_locally(
                 grad_fn,
                 optimizer,
@@ -131,6 +135,7 @@ def fednova_client(
                 num_epochs=num_epochs,
                 max_steps=max_steps,
                 unroll=performance.unroll,
+                step_budget=step_budget,
             )
             a = normalizer(steps, momentum)
             scale = jnp.where(a > 0, 1.0 / jnp.maximum(a, 1e-12), 0.0)

@@ -11,12 +11,14 @@ import pytest
 
 from fljax import client, losses
 from fljax.algorithms import (
+    ditto,
     fedavg,
     fedavgm,
     feddyn,
     fednova,
     fedopt,
     fedprox,
+    fedrep,
     fedsgd,
     mimelite,
     qffl,
@@ -49,7 +51,19 @@ ALGORITHMS = {
     "mimelite": lambda: mimelite.mimelite(
         mimelite.mimelite_client(helpers.model(), optax.sgd(0.1, momentum=0.9), batch_size=4)
     ),
+    "ditto": lambda: ditto.ditto(_ditto_client()),
+    "fedrep": lambda: fedrep.fedrep(_fedrep_client(), head=fedrep.layers("Dense_1")),
 }
+
+
+def _ditto_client():
+    return ditto.ditto_client(helpers.model(), optax.sgd(0.1), lam=0.5, batch_size=4)
+
+
+def _fedrep_client():
+    return fedrep.fedrep_client(
+        helpers.model(), optax.sgd(0.1), head=fedrep.layers("Dense_1"), batch_size=4, head_epochs=2
+    )
 
 
 def _scaffold_client():
@@ -61,7 +75,12 @@ def _feddyn_client():
 
 
 # Algorithms whose clients keep state: their cohorts carry it (fljax.data.ClientStates).
-STATEFUL = {"scaffold": _scaffold_client, "feddyn": _feddyn_client}
+STATEFUL = {
+    "scaffold": _scaffold_client,
+    "feddyn": _feddyn_client,
+    "ditto": _ditto_client,
+    "fedrep": _fedrep_client,
+}
 
 POP_SIZES = [6, 3, 9, 5]
 
@@ -221,6 +240,8 @@ def test_one_shape_and_performance_given_once(name):
         "qffl": qffl.qffl,
         "feddyn": feddyn.feddyn,
         "mimelite": mimelite.mimelite,
+        "ditto": ditto.ditto,
+        "fedrep": fedrep.fedrep,
     }[name]
     params = list(inspect.signature(factory).parameters.values())
     assert params[0].name == "client_update"
