@@ -111,6 +111,12 @@ def _curve(out: pathlib.Path, metric: str) -> list[tuple[int, float]]:
     return [(r["round"], r[metric]) for r in rows if metric in r]
 
 
+def _diverged(out: pathlib.Path) -> bool:
+    """Whether the run blew up: a client sent a non-finite update, or the update norm exceeded 1e3."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    return any(r.get("num_nonfinite", 0) > 0 or not (r.get("delta_norm") or 0.0) < 1e3 for r in rows)
+
+
 def _rounds_to(curve, target: float) -> int | None:
     return next((r for r, acc in curve if acc >= target), None)
 
@@ -156,6 +162,7 @@ def main(argv=None) -> list[dict]:
                         "test_accuracy": summary["final"][metric],
                         "worst_client_accuracy": None if per_client is None else min(per_client),
                         "rounds_to_target": _rounds_to(curve, targets[task]),
+                        "diverged": _diverged(out),
                         "curve": curve,
                         "seconds": summary.get("wall_sec", time.perf_counter() - t0),
                     }
@@ -176,6 +183,7 @@ def main(argv=None) -> list[dict]:
                     "worst_client_accuracy_mean": statistics.fmean(worst) if worst else None,
                     "rounds_to_target_mean": statistics.fmean(reached) if reached else None,
                     "seeds_reaching_target": len(reached),
+                    "seeds_diverged": sum(r["diverged"] for r in runs),
                     "seconds_per_run": statistics.fmean(r["seconds"] for r in runs),
                     "runs": runs,
                 }
@@ -198,7 +206,9 @@ def _write(results: pathlib.Path, rows: list[dict], args) -> None:
         " `SERVER`), not tuned per task. Rounds to target: first evaluated round reaching the"
         " target accuracy, mean over the seeds that reach it (k/n: k of the n seeds do). Worst client:"
         " the lowest per-hospital held-out accuracy (mean over seeds; FEMNIST is evaluated"
-        " centrally, so none).",
+        " centrally, so none). Diverged: seeds in which some client sent a non-finite update"
+        " (rejected by the aggregator) or the update norm passed 1e3; their accuracy is in the"
+        " mean, so a large sd flags an unstable algorithm at these settings, not a tuned result.",
     ]
     for task in dict.fromkeys(r["task"] for r in rows):
         part = [r for r in rows if r["task"] == task]
@@ -206,8 +216,8 @@ def _write(results: pathlib.Path, rows: list[dict], args) -> None:
             "",
             f"## {task} (target accuracy {part[0]['target']:g}, {part[0]['rounds']} rounds)",
             "",
-            "| algorithm | test accuracy | worst client | rounds to target | seconds per run |",
-            "|---|---|---|---|---|",
+            "| algorithm | test accuracy | worst client | rounds to target | diverged | seconds per run |",
+            "|---|---|---|---|---|---|",
         ]
         for r in sorted(part, key=lambda r: -r["test_accuracy_mean"]):
             n = len(r["runs"])
@@ -219,7 +229,8 @@ def _write(results: pathlib.Path, rows: list[dict], args) -> None:
             worst = r["worst_client_accuracy_mean"]
             lines.append(
                 f"| {r['algorithm']} | {r['test_accuracy_mean']:.3f} +- {r['test_accuracy_sd']:.3f} | "
-                f"{'-' if worst is None else f'{worst:.3f}'} | {reach} | {r['seconds_per_run']:.0f} |"
+                f"{'-' if worst is None else f'{worst:.3f}'} | {reach} | {r['seeds_diverged']}/{n} | "
+                f"{r['seconds_per_run']:.0f} |"
             )
     lines += [
         "",
