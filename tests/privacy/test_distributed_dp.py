@@ -159,7 +159,7 @@ def test_one_client_is_the_discrete_gaussian_of_canonne_kamath_steinke():
 
 def test_tau_and_rounded_norm_follow_the_paper():
     """Theorem 1's rounded-norm bound and the tau of the sum of discrete Gaussians, by hand."""
-    cfg = _cfg(cohort_size=3, population_size=100, dim=16, gamma=0.25, noise_multiplier=0.6)
+    cfg = _cfg(cohort_size=3, population_size=100, dim=16, gamma=0.25, noise_multiplier=0.6, min_clients=3)
     s = 0.6 / math.sqrt(3) / 0.25
     assert cfg.local_sigma == pytest.approx(s)
     expected_tau = 10 * (math.exp(-2 * math.pi**2 * s**2 / 2) + math.exp(-2 * math.pi**2 * s**2 * 2 / 3))
