@@ -14,9 +14,13 @@ rounds, evaluated on the test split (writers the federation never trained on).
 and 8 at delta 1e-5. Noise from the seed (dp.reproducible=True): a reproducible simulation, not a
 private run.
 
-Hardware and runtime: 2 CPU cores shared with other jobs, jax 0.10.2: see
-experiments/results/dp_mechanisms_femnist.md (seconds per run in the table).
-Measured result: experiments/results/dp_mechanisms_femnist.md.
+Hardware and runtime: 2 CPU cores shared with other jobs, jax 0.10.2: 120-265 s per run.
+Measured result (experiments/results/dp_mechanisms_femnist.md), test accuracy after 50 rounds:
+no DP 0.551; DP-FedAvg at epsilon 8 (z = 1.23) 0.220, at epsilon 4 (z = 1.95) and 1 (z = 5.98)
+0.048, the majority class: with 21 writers a round the noise on the mean update (std z * 0.5 / 21
+per coordinate, over 62,006 coordinates) is several times the clipped signal's norm. User-level
+DP at these epsilons needs thousands of writers per round; the other mechanisms of
+dp_mechanisms.py were not run on this population.
 """
 
 from fljax.experiment import DP, FEMNIST, Client, Cohort, Config, Model, Server
