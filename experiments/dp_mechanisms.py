@@ -162,7 +162,10 @@ def _write(
         " client (add/remove, or zero-out for the matrix mechanisms). DP-FedAvg: Poisson sampling, amplification"
         " (RDP). Distributed DP: each client adds integer noise (distributed discrete Gaussian or Skellam) to"
         " its rotated, scaled, rounded update before the masked sum in an 18-bit ring; Poisson sampling,"
-        " amplification (the papers' RDP bounds). Matrix mechanisms: cyclic schedule, each client once every"
+        " amplification (the papers' RDP bounds with Zhu and Wang's general subsampling bound at"
+        " integer orders, looser than the exact subsampled Gaussian's at small epsilon); the noise is"
+        " sized for the default m shares (3 sd below the expected cohort), so with the expected n"
+        " clients present the sum carries about sqrt(n/m) times z C. Matrix mechanisms: cyclic schedule, each client once every"
         " 1/q rounds, no amplification (PLD). Each noise multiplier calibrated to the target epsilon by the"
         " mechanism's own accounting; one run each (seed 0, seeded noise: a reproducible simulation).",
         "",
