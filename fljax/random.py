@@ -7,6 +7,7 @@ is a child of it along ONE tree::
     |- stream(run_key, "init")     model initialisation
     |- stream(run_key, "data")     partitions, splits, host-side subsampling of large clients
     |- stream(run_key, "eval")     evaluation outside rounds
+    |- stream(run_key, "audit")    privacy-audit canaries (directions, inclusion)
     `- stream(run_key, "loop")     the round loop:
        `- round_key(run_key, r) = fold_in(stream(run_key, "loop"), r)
           |- stream(round, "sample")      cohort sampling
@@ -15,7 +16,8 @@ is a child of it along ONE tree::
           |  |- stream(., "noise")        DP noise
           |  |- stream(., "masks")        secure-aggregation masks
           |  |- stream(., "rounding")     stochastic rounding of the fixed-point encoding
-          |  `- stream(., "dropout")      simulated client dropout
+          |  |- stream(., "dropout")      simulated client dropout
+          |  `- stream(., "audit")        which audit canaries take part
           `- stream(round, "eval")        evaluation inside a round
 
 Two rules make every key of the tree distinct: named tags are fixed integers
@@ -63,6 +65,7 @@ STREAMS: dict[str, int] = {
             "loop",  # run: parent of every round key
             "data",  # run: partitions, splits, host subsampling
             "rounding",  # aggregator: stochastic rounding of the encoding
+            "audit",  # run: canaries of a privacy audit; aggregator: their participation
         )
     )
 }

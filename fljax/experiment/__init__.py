@@ -16,6 +16,7 @@ from fljax.experiment.cli import load_config, main
 from fljax.experiment.config import (
     DP,
     FEMNIST,
+    Audit,
     Client,
     Cohort,
     Config,
@@ -39,6 +40,7 @@ from fljax.experiment.trainer import RunFolderError, Trained, run, train
 __all__ = [
     "DP",
     "FEMNIST",
+    "Audit",
     "Client",
     "Cohort",
     "Config",

@@ -264,6 +264,23 @@ class FineTune:
 
 
 @dataclasses.dataclass(frozen=True)
+class Audit:
+    """One-run privacy audit of a DP run (:mod:`fljax.leakage.audit`, Steinke et al. 2023):
+    ``num_canaries`` random-direction canary clients, each included with probability 1/2, then
+    sampled, clipped, summed and noised with the real clients. After training, ``summary.json``
+    reports the empirical epsilon lower bound (confidence ``1 - significance``) beside the
+    accountant's epsilon; a run whose bound exceeds the accountant's is not called private.
+    Canaries move the model: an audited run is a measurement, not a production run."""
+
+    num_canaries: int = field(
+        1000, _check(lambda v: _is_int(v) and v >= 2, "expected an integer >= 2"), doc="canary clients"
+    )
+    significance: float = field(
+        0.05, _check(lambda v: _is_number(v) and 0 < v < 0.5, "expected a number in (0, 0.5)")
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class Cohort:
     """Which clients join a round: all, ``size`` uniformly without replacement, or each with
     probability ``q`` (Poisson, padded to ``max_size``). With DP, the DP section decides."""
@@ -412,6 +429,7 @@ class Config:
     distributed_dp: DistributedDP | None = None  # type: ignore[valid-type]
     dp_ftrl: DPFTRL | None = None  # type: ignore[valid-type]
     secagg: SecAgg | None = None
+    audit: Audit | None = None
 
 
 # ----------------------------------------------------------------------------- typed values
@@ -813,6 +831,22 @@ def dp_ftrl_config(config: Config, population: int) -> privacy.MFConfig | None:
 PRIVACY_SECTIONS = ("dp", "distributed_dp", "dp_ftrl")
 
 
+def _check_audit(config: Config, dp: privacy.DPConfig | None) -> None:
+    """An audit needs a mechanism whose accounting treats a canary as one more client."""
+    if config.audit is None:
+        return
+    if config.dp is None and config.distributed_dp is None:
+        raise bad("audit", "{...}", "expected None without dp or distributed_dp (nothing to audit)")
+    if config.dp_ftrl is not None:
+        raise bad("audit", "{...}", "expected None with dp_ftrl (its cyclic schedule has no place for canaries)")
+    if dp is not None and dp.sampling != "poisson":
+        raise bad(
+            "audit", "{...}", "expected dp.sampling='poisson' (canaries are add/remove neighbours, Poisson-sampled)"
+        )
+    if dp is not None and dp.noise_cohort_size is not None:
+        raise bad("audit", "{...}", "expected None with dp.noise_cohort_size (a simulated noise cohort is not private)")
+
+
 def privacy_section(config: Config):
     """The config's privacy section (``dp``, ``distributed_dp`` or ``dp_ftrl``), or None."""
     return next((getattr(config, n) for n in PRIVACY_SECTIONS if getattr(config, n) is not None), None)
@@ -900,6 +934,7 @@ def validate(config: Config, population: int | None = None) -> None:
                 f"expected 'uniform' with size {dp.cohort_size} (dp.sampling='fixed', dp.cohort_size), "
                 "or 'all' to let the dp section decide",
             )
+    _check_audit(config, dp)
     ddp = distributed_dp_config(config, population, dim=1) if config.distributed_dp is not None else None
     if ddp is not None and cohort.sampling == "uniform":
         raise bad(

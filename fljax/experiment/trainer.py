@@ -67,6 +67,7 @@ from fljax.experiment import config as cfg
 from fljax.experiment import data as data_lib
 from fljax.experiment import outputs
 from fljax.experiment.config import Config
+from fljax.leakage import audit as audit_lib
 
 
 class RunFolderError(ValueError):
@@ -102,10 +103,18 @@ def build_optimizer(c: cfg.Client) -> optax.GradientTransformation:
     return optax.sgd(c.learning_rate, momentum=c.momentum or None)
 
 
-def build_aggregator(config: Config, dp_config=None):
+def build_aggregator(config: Config, dp_config=None, audit=None):
     """The round's aggregator, or None for the algorithm's own (example-weighted mean for the
     FedAvg family, uniform mean for SCAFFOLD). With both ``dp`` and ``secagg``, DP runs over the
-    secure sum (its weights are in [0, 1]: keep the secagg ``max_weight`` at 1, the default)."""
+    secure sum (its weights are in [0, 1]: keep the secagg ``max_weight`` at 1, the default).
+    ``audit``: ``(AuditConfig, key)``: the privacy mechanism with the audit's canary clients."""
+    agg = _aggregator(config, dp_config)
+    if audit is not None:
+        agg = audit_lib.with_canaries(agg, *audit)
+    return agg
+
+
+def _aggregator(config: Config, dp_config=None):
     if isinstance(dp_config, privacy.DistributedDPConfig):  # its own masked modular sum
         return privacy.distributed_dp(dp_config, masking=config.secagg or privacy.distributed.DEFAULT_MASKING)
     secure = secagg.secure_sum(config.secagg) if config.secagg is not None else None
@@ -148,10 +157,10 @@ def build_client_states(config: Config, model, params, num_clients: int) -> Clie
     return ClientStates(stateful(config, model).init(params), num_clients)
 
 
-def build_algorithm(config: Config, model, dp_config=None, num_clients: int = 0):
+def build_algorithm(config: Config, model, dp_config=None, num_clients: int = 0, audit=None):
     """The :class:`~fljax.base.FederatedAlgorithm` of the config's client and server sections."""
     c, s = config.client, config.server
-    agg = build_aggregator(config, dp_config)
+    agg = build_aggregator(config, dp_config, audit)
     perf = Performance(chunk_size=config.chunk_size)
     name, lr = s.algorithm, s.learning_rate
     if name == "fedsgd":
@@ -210,9 +219,11 @@ def sample_cohort(cohort: cfg.Cohort, key: jax.Array, num_clients: int):
 _ROUNDS: dict = {}
 
 
-def _compiled_round(config: Config, model, dp_config=None, num_clients: int = 0):
+def _compiled_round(config: Config, model, dp_config=None, num_clients: int = 0, audit=None):
     """One jitted round per (algorithm settings, model), shared by repeats and baselines."""
+    canaries = None if audit is None else (audit[0], jax.random.key_data(audit[1]).tobytes())
     key = (
+        canaries,
         config.model,
         config.client,
         config.server,
@@ -225,7 +236,7 @@ def _compiled_round(config: Config, model, dp_config=None, num_clients: int = 0)
         repr(model),
     )
     if key not in _ROUNDS:
-        algo = build_algorithm(config, model, dp_config, num_clients)
+        algo = build_algorithm(config, model, dp_config, num_clients, audit)
         _ROUNDS[key] = (algo, jax.jit(algo.update))
     return _ROUNDS[key]
 
@@ -284,7 +295,8 @@ def train(
     # asks for a reproducible simulation: anyone with a public seed could regenerate the noise.
     secret = dp_config is not None and not section.reproducible
     loop_key = fl_random.secret_key() if secret else None
-    algo, update = _compiled_round(config, model, dp_config, train_data.num_clients)
+    audit = _audit(config, dp_config, run_key)
+    algo, update = _compiled_round(config, model, dp_config, train_data.num_clients, audit)
     state = algo.init(params)
     states = build_client_states(config, model, params, train_data.num_clients)  # stateful clients, host
     bundle = lambda: state if states is None else (state, states.tree)  # what a checkpoint holds
@@ -376,7 +388,43 @@ def train(
     spent = {"epsilon": float("inf"), "note": "no differential privacy configured"}
     if ledger is not None:
         spent = ledger.summary() | {"stopped": stopped} | _privacy_labels(section, records)
+        spent["private"] = not section.reproducible
+    if audit is not None:  # canaries scored from what the server released: theta_0 - theta_T
+        observed = jax.tree.map(lambda a, b: a - b, params, state.params)
+        result = audit_lib.run_audit(
+            observed, *audit, delta=dp_config.target_delta, accountant_epsilon=ledger.epsilon()
+        )
+        spent["audit"] = result.report()
+        if not result.passed:
+            spent["private"] = False
+            print(
+                f"fljax: privacy audit FAILED: empirical epsilon >= {result.epsilon_lower_bound:.3f} "
+                f"exceeds the accountant's {ledger.epsilon():.3f}; this run is not private",
+                flush=True,
+            )
     return Trained(state, records, spent)
+
+
+def _audit(config: Config, dp_config, run_key: jax.Array):
+    """``(AuditConfig, key)`` of an audited run (None without ``config.audit``): canaries sampled
+    at the real clients' Poisson rate, of a norm far above the clip norm, weighted as a full client."""
+    if config.audit is None:
+        return None
+    weight = 1.0
+    if isinstance(dp_config, privacy.DPConfig):
+        q = dp_config.cohort_size / dp_config.population_size
+        if dp_config.weighting == "capped":
+            weight = float(dp_config.max_weight)
+    else:
+        q = dp_config.sampling_probability
+    audit_config = audit_lib.AuditConfig(
+        num_canaries=config.audit.num_canaries,
+        participation=min(1.0, q),
+        canary_norm=1e3 * dp_config.clip_norm,
+        canary_weight=weight,
+        significance=config.audit.significance,
+    )
+    return audit_config, fl_random.stream(run_key, "audit")
 
 
 def _resume(ckpt_dir: pathlib.Path, metrics_path: pathlib.Path, state, ledger, *, secret: bool = False):
@@ -612,7 +660,9 @@ def _without_privacy(config: Config, population: int) -> Config:
         section = config.distributed_dp  # distributed DP samples Poisson at cohort_size / population
         size = section.cohort_size or population
         cohort = cfg.Cohort() if size >= population else cfg.Cohort(sampling="poisson", q=size / population)
-    return dataclasses.replace(config, cohort=cohort, dp=None, distributed_dp=None, dp_ftrl=None, secagg=None)
+    return dataclasses.replace(
+        config, cohort=cohort, dp=None, distributed_dp=None, dp_ftrl=None, secagg=None, audit=None
+    )
 
 
 def _baselines(config: Config, data: data_lib.Prepared, model, names, records, progress, params) -> dict:
@@ -621,7 +671,7 @@ def _baselines(config: Config, data: data_lib.Prepared, model, names, records, p
     non-private: they show what a client gives up or gains by federating."""
     train_data, test_data = data.train, data.test
     alone = dataclasses.replace(
-        config, cohort=cfg.Cohort(), dp=None, distributed_dp=None, dp_ftrl=None, secagg=None
+        config, cohort=cfg.Cohort(), dp=None, distributed_dp=None, dp_ftrl=None, secagg=None, audit=None
     )
 
     def scores(params, population_test):
