@@ -838,13 +838,21 @@ def _check_audit(config: Config, dp: privacy.DPConfig | None) -> None:
     if config.dp is None and config.distributed_dp is None:
         raise bad("audit", "{...}", "expected None without dp or distributed_dp (nothing to audit)")
     if config.dp_ftrl is not None:
-        raise bad("audit", "{...}", "expected None with dp_ftrl (its cyclic schedule has no place for canaries)")
+        raise bad(
+            "audit", "{...}", "expected None with dp_ftrl (its cyclic schedule has no place for canaries)"
+        )
     if dp is not None and dp.sampling != "poisson":
         raise bad(
-            "audit", "{...}", "expected dp.sampling='poisson' (canaries are add/remove neighbours, Poisson-sampled)"
+            "audit",
+            "{...}",
+            "expected dp.sampling='poisson' (canaries are add/remove neighbours, Poisson-sampled)",
         )
     if dp is not None and dp.noise_cohort_size is not None:
-        raise bad("audit", "{...}", "expected None with dp.noise_cohort_size (a simulated noise cohort is not private)")
+        raise bad(
+            "audit",
+            "{...}",
+            "expected None with dp.noise_cohort_size (a simulated noise cohort is not private)",
+        )
 
 
 def privacy_section(config: Config):

@@ -207,10 +207,15 @@ def with_canaries(aggregator: Aggregator, config: AuditConfig, key: jax.Array) -
             state, both, jnp.concatenate([weights, canary_weights]), key
         )
         num = jnp.sum(valid).astype(jnp.int32)
-        return state, delta, metrics | {
-            "audit_canaries": num,
-            "audit_canaries_dropped": jnp.sum(take).astype(jnp.int32) - num,
-        }
+        return (
+            state,
+            delta,
+            metrics
+            | {
+                "audit_canaries": num,
+                "audit_canaries_dropped": jnp.sum(take).astype(jnp.int32) - num,
+            },
+        )
 
     return Aggregator(aggregator.init, aggregate)
 
@@ -234,7 +239,9 @@ def scores(observed: Params, config: AuditConfig, key: jax.Array, *, chunk_size:
 def _scores(observed: Params, key: jax.Array, num_canaries: int, chunk_size: int) -> jax.Array:
     flat, _ = ravel_pytree(observed)
     flat = flat.astype(jnp.float32)
-    return jax.lax.map(lambda i: jnp.dot(_direction(flat, key, i), flat), jnp.arange(num_canaries), batch_size=chunk_size)
+    return jax.lax.map(
+        lambda i: jnp.dot(_direction(flat, key, i), flat), jnp.arange(num_canaries), batch_size=chunk_size
+    )
 
 
 def estimate(
@@ -270,7 +277,9 @@ def estimate(
     s = np.asarray(canary_scores, dtype=np.float64)
     inc = np.asarray(included)
     if s.ndim != 1 or inc.shape != s.shape:
-        raise ValueError(f"canary_scores and included must be 1-d of one length, got {s.shape} and {inc.shape}")
+        raise ValueError(
+            f"canary_scores and included must be 1-d of one length, got {s.shape} and {inc.shape}"
+        )
     if inc.dtype != bool:
         raise ValueError(f"included must be boolean, got dtype {inc.dtype}")
     if not np.all(np.isfinite(s)):
@@ -294,7 +303,9 @@ def estimate(
     )
 
 
-def run_audit(observed: Params, config: AuditConfig, key: jax.Array, *, delta: float, accountant_epsilon=None):
+def run_audit(
+    observed: Params, config: AuditConfig, key: jax.Array, *, delta: float, accountant_epsilon=None
+):
     """:func:`scores` then :func:`estimate` with the coins of ``key``: the whole audit after a run."""
     _, coin_key = _keys(key)
     return estimate(
