@@ -16,6 +16,7 @@ Modules are imported and called qualified::
 from fljax import (
     aggregators,
     algorithms,
+    analytics,
     attacks,
     base,
     checkpoint,
@@ -63,6 +64,7 @@ __all__ = [
     "StatefulClientUpdate",
     "aggregators",
     "algorithms",
+    "analytics",
     "attacks",
     "base",
     "checkpoint",

@@ -92,7 +92,7 @@ def _encode(frame: pd.DataFrame) -> tuple[np.ndarray, list[str], np.ndarray]:
     return np.stack(cols, axis=1), names, np.asarray(numeric)
 
 
-def load(*, test_fraction: float = 0.25, seed: int = 0, path=None) -> HeartDisease:
+def load(*, test_fraction: float = 0.25, seed: int = 0, path=None, private_standardize=None) -> HeartDisease:
     """Load the four hospitals as a federated train/held-out split.
 
     Each hospital's patients are split at random (stratified by label, from
@@ -104,6 +104,11 @@ def load(*, test_fraction: float = 0.25, seed: int = 0, path=None) -> HeartDisea
       test_fraction: fraction of each hospital's patients held out.
       seed: split seed.
       path: optional CSV with the same columns (default: the copy inside fljax).
+      private_standardize: ``None`` (default: the exact federated statistics), or a
+        :class:`fljax.analytics.profiling.PrivateStandardize`: the mean and variance
+        come from its noised sums (unit: one training patient; bounds named by the
+        numeric columns ``age``, ``trestbps``, ``chol``, ``thalach``, ``oldpeak``,
+        ``ca``). Without noise it gives exactly the default's numbers.
 
     Returns:
       :class:`HeartDisease` with 2 classes (0 healthy, 1 disease).
@@ -129,7 +134,11 @@ def load(*, test_fraction: float = 0.25, seed: int = 0, path=None) -> HeartDisea
         train_idx.append(np.sort(np.concatenate(tr)))
         test_idx.append(np.sort(np.concatenate(te)))
     # Federated standardisation: sums of per-hospital sums over training rows (NaN = missing).
-    scaler = standardize.fit([x_all[i][:, numeric] for i in train_idx])
+    parts = [x_all[i][:, numeric] for i in train_idx]
+    if private_standardize is None:
+        scaler = standardize.fit(parts)
+    else:
+        scaler = private_standardize.scaler(parts, [n for n, num in zip(names, numeric, strict=True) if num])
     x = x_all.copy()
     x[:, numeric] = np.nan_to_num(standardize.apply(x_all[:, numeric], scaler), nan=0.0)
     x = x.astype(np.float32)

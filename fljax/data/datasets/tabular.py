@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fljax.data import standardize
 from fljax.data.datasets import custom, paths
 from fljax.data.federated import FederatedData
 
@@ -151,6 +152,7 @@ def credit_default(
     *,
     client_column: str = "EDUCATION",
     data_dir: str | os.PathLike | None = None,
+    private_standardize=None,
 ) -> FederatedData:
     """UCI default of credit card clients (Taiwan, 2005), one client per group.
 
@@ -166,6 +168,10 @@ def credit_default(
         high_school, other = codes 0/4/5/6), ``"MARRIAGE"`` (3 clients:
         married, single, other = codes 0/3) or ``"SEX"`` (male, female).
       data_dir: folder holding the file.
+      private_standardize: ``None`` (default: central statistics over all rows), or a
+        :class:`fljax.analytics.profiling.PrivateStandardize`: the numeric columns'
+        mean and variance come from noised federated sums over the clients (unit:
+        one row); without noise they equal the central ones up to float64 rounding.
 
     Returns:
       :class:`FederatedData` with ``x`` float32 ``[30000, features]``, ``num_classes = 2``.
@@ -182,4 +188,8 @@ def credit_default(
     x, _ = encode(frame, numeric, CREDIT_CATEGORICAL)
     y = frame["default"].to_numpy()
     ids = frame[client_column].map(lambda v: names[client_column].get(int(v), "other")).to_numpy()
+    if private_standardize is not None:
+        raw = frame[numeric].to_numpy(np.float64)
+        scaler = private_standardize.scaler([raw[ids == c] for c in sorted(set(ids))], numeric)
+        x[:, : len(numeric)] = np.nan_to_num(standardize.apply(raw, scaler), nan=0.0).astype(np.float32)
     return custom.from_arrays(x, y, ids, num_classes=2)
