@@ -60,7 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fljax.analytics import queries
+from fljax.analytics import budget, queries
 from fljax.analytics import release as release_lib
 from fljax.data import standardize
 from fljax.data.federated import FederatedData
@@ -417,6 +417,25 @@ class PrivateStandardize:
         hi = np.array([table.get(n, (-np.inf, np.inf))[1] for n in names])
         return lo, hi
 
+    def dp_event(self) -> dp_accounting.DpEvent:
+        """The ``DpEvent`` of :meth:`scaler` (unit: one record): two Gaussian releases of multiplier
+        ``noise_multiplier`` (:func:`private_scaler`'s rounds; their sensitivity is built into it)."""
+        if self.noise_multiplier == 0:
+            return dp_accounting.NonPrivateDpEvent()
+        return dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(self.noise_multiplier)] * 2)
+
+    def epsilon(self, delta: float, *, accountant: str = "rdp") -> float:
+        """Epsilon of :meth:`scaler` at ``delta`` (unit: one record; ``inf`` without noise).
+
+        Examples:
+          >>> 0.9 < PrivateStandardize(noise_multiplier=6.0).epsilon(1e-5) < 1.0
+          True
+        """
+        if self.noise_multiplier == 0:
+            return math.inf
+        ledger = budget.BudgetLedger(budget_epsilon=None, delta=delta, accountant=accountant)
+        return ledger.spend(self.dp_event(), label="standardisation")
+
     def scaler(self, clients: Sequence[np.ndarray], names: Sequence[str]) -> standardize.Scaler:
         """:func:`private_scaler` of ``clients`` (``[examples, F]`` arrays, columns ``names``)."""
         return private_scaler(
@@ -456,14 +475,18 @@ def private_scaler(
     the sums about the round-1 mean. Each value is first clipped to its public
     ``[lo, hi]`` (NaN stays missing), which bounds one record's contribution.
     Unit of privacy: one record; neighbouring relation: add/remove one record.
-    Per round, one record contributes per feature ``f`` a count scaled by ``M_f``
-    and a sum (round 1: ``x``, ``|x| <= M_f = max(|lo_f|, |hi_f|)``; round 2:
-    ``x - mu`` and ``(x - mu)^2 / D_f`` with ``D_f = max(hi_f - mu_f, mu_f - lo_f)``),
-    so its L2 bound is ``sqrt(2 sum_f M_f^2)`` (round 1) and ``sqrt(2 sum_f D_f^2)``
-    (round 2): each round is one :class:`~fljax.analytics.release.ReleaseConfig`
-    with that ``l2_bound`` and noise multiplier ``z`` (noise from
-    :func:`fljax.analytics.release.host_noise`, keys ``fold_in(key, round)``).
-    Round 2 reuses round 1's released count. Without noise and with bounds that
+    Every feature is put on a unit scale, so that each gets the same relative
+    precision whatever its units: per round, one record contributes per observed
+    feature ``f`` two numbers in ``[-1, 1]`` (round 1: its count 1 and
+    ``(x - c_f) / R_f``, with ``c_f``, ``R_f`` the centre and half-width of
+    ``[lo_f, hi_f]``; round 2: ``(x - mu_f) / D_f`` and ``((x - mu_f) / D_f)^2``
+    with ``D_f = max(hi_f - mu_f, mu_f - lo_f)``), so its L2 bound is
+    ``sqrt(2 F)`` for ``F`` features: each round is one
+    :class:`~fljax.analytics.release.ReleaseConfig` with that ``l2_bound`` and
+    noise multiplier ``z`` (noise from :func:`fljax.analytics.release.host_noise`,
+    keys ``fold_in(key, round)``; std ``sigma = z sqrt(2 F)`` on each scaled sum,
+    hence ``sigma`` on a count, ``sigma R_f`` on a sum, ``sigma D_f^2`` on a sum of
+    squares). Round 2 reuses round 1's released count. Without noise and with bounds that
     hold the data (or ``bounds=None``) the result equals
     :func:`fljax.data.standardize.fit` exactly.
 
@@ -515,27 +538,25 @@ def private_scaler(
     if not two_pass:
         raise ValueError("a noised scaler needs two_pass=True (the variance comes from the second round)")
 
-    # round 1: count (scaled by M) and sum of each feature; per record L2 <= sqrt(2 sum M^2)
-    m = np.maximum(np.abs(lo), np.abs(hi))
+    # every record adds, per feature, two numbers in [-1, 1]: L2 bound sqrt(2 F) in both rounds
+    l2 = math.sqrt(2.0 * lo.size)
+    centre, half = (hi + lo) / 2.0, (hi - lo) / 2.0
+    # round 1: count and sum of (x - centre) / half of each feature
     cfg1 = release_lib.ReleaseConfig(
-        l2_bound=math.sqrt(2.0 * float(np.sum(m**2))),
-        noise_multiplier=noise_multiplier,
-        population_size=population,
+        l2_bound=l2, noise_multiplier=noise_multiplier, population_size=population
     )
-    total1 = standardize.combine(standardize.client_statistics(xs))
-    noise1 = release_lib.host_noise((2,) + m.shape, cfg1, jax.random.fold_in(key, 1))
-    count = np.maximum(total1.count + noise1[0] / m, 1.0)
-    mean = np.clip((total1.sum + noise1[1]) / count, lo, hi)
+    total1 = standardize.combine(standardize.client_statistics(xs, shift=centre))
+    noise1 = release_lib.host_noise((2,) + lo.shape, cfg1, jax.random.fold_in(key, 1))
+    count = np.maximum(total1.count + noise1[0], 1.0)
+    mean = np.clip(centre + (total1.sum + noise1[1] * half) / count, lo, hi)
 
-    # round 2: sums of (x - mean) and (x - mean)^2 / D; per record L2 <= sqrt(2 sum D^2)
+    # round 2: sums of (x - mean) / D and ((x - mean) / D)^2
     d = np.maximum(hi - mean, mean - lo)
     cfg2 = release_lib.ReleaseConfig(
-        l2_bound=math.sqrt(2.0 * float(np.sum(d**2))),
-        noise_multiplier=noise_multiplier,
-        population_size=population,
+        l2_bound=l2, noise_multiplier=noise_multiplier, population_size=population
     )
     total2 = standardize.combine(standardize.client_statistics(xs, shift=mean))
     noise2 = release_lib.host_noise((2,) + d.shape, cfg2, jax.random.fold_in(key, 2))
-    released = standardize.Statistics(count, total2.sum + noise2[0], total2.sum_sq + noise2[1] * d)
+    released = standardize.Statistics(count, total2.sum + noise2[0] * d, total2.sum_sq + noise2[1] * d**2)
     variance = standardize.moments(released, shift=mean)[1]
     return PrivateScale(standardize.Scaler(mean=mean, std=np.sqrt(variance)), (cfg1, cfg2))

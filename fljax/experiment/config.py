@@ -95,6 +95,11 @@ class HeartDisease:
     test_fraction: float = field(0.25, FRACTION, doc="held-out share of each hospital")
     split_seed: int = field(0, SEED, doc="seed of the train/test split (repeats add their index)")
     path: str | None = field(None, doc="CSV in the shipped layout (default: the shipped file)")
+    standardize_noise_multiplier: float | None = field(
+        None,
+        NONNEGATIVE,
+        doc="None: exact federated standardisation; z >= 0: private (unit: one patient), see data.py",
+    )
 
 
 IMAGE_SETS = ("mnist", "fashion_mnist", "emnist", "cifar10", "cifar100")
@@ -161,6 +166,11 @@ class Tabular:
     test_fraction: float = field(0.25, FRACTION, doc="credit default only")
     split_seed: int = field(0, SEED)
     data_dir: str | None = field(None, NONEMPTY)
+    standardize_noise_multiplier: float | None = field(
+        None,
+        NONNEGATIVE,
+        doc="credit default only; None: central standardisation; z >= 0: private (unit: one row)",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -909,6 +919,12 @@ def validate(config: Config, population: int | None = None) -> None:
     if isinstance(data, Images) and data.examples_per_client is not None and data.partition != "iid":
         raise bad(
             "data.examples_per_client", data.examples_per_client, "expected None unless data.partition='iid'"
+        )
+    if isinstance(data, Tabular) and data.name == "adult" and data.standardize_noise_multiplier is not None:
+        raise bad(
+            "data.standardize_noise_multiplier",
+            data.standardize_noise_multiplier,
+            "expected None with data.name='adult' (private standardisation: heart_disease, credit_default)",
         )
     if isinstance(data, Custom) and data.path is None:
         raise ConfigError("data.path: missing (needed by data.name='custom'); expected --set data.path=FILE")

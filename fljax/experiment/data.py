@@ -24,6 +24,17 @@ Randomness: ``key`` (the run's ``"data"`` stream, :mod:`fljax.random`) draws the
 (the partitioner's own use of ``key``); ``Images.seed`` is applied by the caller when it derives
 ``key``. Row splits use ``split_seed``, so they stay fixed while the run seed changes.
 
+Private standardisation (``standardize_noise_multiplier=z`` of ``HeartDisease`` and of ``Tabular``
+with credit default): the numeric features' means and standard deviations come from
+:class:`fljax.analytics.profiling.PrivateStandardize` (two noised sums of per-record
+contributions clipped to the data set's public ranges, ``heart_disease.PUBLIC_BOUNDS`` or
+``tabular.CREDIT_PUBLIC_BOUNDS``) instead of the exact federated sums; ``z = 0`` goes through the
+same path without noise and gives exactly the default's features. Its noise seed is drawn from
+``host_rng(key, 3)``: a reproducible simulation tied to the run's seed, not secret noise.
+:attr:`Prepared.standardization` records what it spent (epsilon at ``delta``, unit ONE RECORD: a
+patient or a card holder, not the training's unit of one client; the two guarantees are about
+different neighbouring data sets and are not added).
+
 Errors: a missing file, an unknown column or unusable values raise
 :class:`~fljax.experiment.config.ConfigError` with one line ``data.KEY=VALUE: what is wrong;
 how to fix it``. Only the errors a loader is expected to raise for bad input
@@ -47,10 +58,12 @@ import jax
 import numpy as np
 
 from fljax import random as fl_random
+from fljax.analytics import profiling
 from fljax.data import partition, standardize
 from fljax.data.datasets import cifar10, custom, femnist, heart_disease, images, paths, shakespeare, tabular
 from fljax.data.federated import FederatedData
 from fljax.experiment import config
+from fljax.privacy import config as privacy_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +77,8 @@ class Prepared:
       central_test: a central test set ``(x, y)``, or ``None``.
       num_classes: number of classes of the labels.
       report: :func:`fljax.data.partition.report` when a partitioner split central data.
+      standardization: what a private standardisation spent (:func:`standardization_summary`),
+        or ``None``.
     """
 
     train: FederatedData
@@ -71,6 +86,65 @@ class Prepared:
     central_test: tuple[np.ndarray, np.ndarray] | None
     num_classes: int
     report: dict | None = None
+    standardization: dict | None = None
+
+
+def private_standardize(
+    noise_multiplier: float | None, bounds, key: jax.Array
+) -> profiling.PrivateStandardize | None:
+    """The loader option of ``standardize_noise_multiplier`` (``None``: the default standardisation).
+
+    Args:
+      noise_multiplier: ``z`` (``None``: none; 0: the private path without noise, bounds unused).
+      bounds: ``((feature, lo, hi), ...)``, the data set's public ranges.
+      key: the run's ``"data"`` key; the noise seed is drawn from ``host_rng(key, 3)``.
+
+    Returns:
+      A :class:`~fljax.analytics.profiling.PrivateStandardize`, or ``None``.
+    """
+    if noise_multiplier is None:
+        return None
+    seed = int(fl_random.host_rng(key, 3).integers(2**31 - 1))
+    return profiling.PrivateStandardize(
+        noise_multiplier=float(noise_multiplier),
+        bounds=tuple(bounds) if noise_multiplier > 0 else (),
+        seed=seed,
+    )
+
+
+def standardization_summary(option: profiling.PrivateStandardize, num_records: int, unit: str) -> dict:
+    """A JSON-ready record of a private standardisation's guarantee.
+
+    Args:
+      option: the :class:`~fljax.analytics.profiling.PrivateStandardize` used.
+      num_records: records whose statistics were released (they set the default delta,
+        :func:`fljax.privacy.config.default_delta`).
+      unit: what one record is (``"one patient"``, ``"one row (card holder)"``).
+
+    Returns:
+      ``{"epsilon", "delta", "unit_of_privacy", ...}``.
+
+    Examples:
+      >>> s = standardization_summary(profiling.PrivateStandardize(noise_multiplier=6.0), 690, "one patient")
+      >>> round(s["epsilon"], 2), s["delta"], s["unit_of_privacy"]
+      (0.95, 1e-05, 'one patient')
+    """
+    delta = privacy_config.default_delta(num_records)
+    return {
+        "method": "fljax.analytics.profiling.private_scaler (two Gaussian releases, public feature bounds)",
+        "noise_multiplier": option.noise_multiplier,
+        "epsilon": option.epsilon(delta),
+        "delta": delta,
+        "accountant": "rdp",
+        "unit_of_privacy": unit,
+        "neighboring_relation": "add_or_remove_one record",
+        "records": int(num_records),
+        "bounds": {n: [lo, hi] for n, lo, hi in option.bounds},
+        "noise": "reproducible simulation: noise seeded from the run's seed (data key); NOT private",
+        "composition": "not added to the training's epsilon: that one is about one client (a hospital or "
+        "group) of the federation, this one about one record; a record's total exposure is bounded by "
+        "their composition under a shared unit, which is not computed here",
+    }
 
 
 def load(data: config.Data, key: jax.Array) -> Prepared:
@@ -88,7 +162,7 @@ def load(data: config.Data, key: jax.Array) -> Prepared:
         the data cannot give; the message names the key and how to fix it.
     """
     if isinstance(data, config.HeartDisease):
-        return _heart_disease(data)
+        return _heart_disease(data, key)
     if isinstance(data, config.Images):
         return _images(data, key)
     if isinstance(data, config.FEMNIST):
@@ -96,7 +170,7 @@ def load(data: config.Data, key: jax.Array) -> Prepared:
     if isinstance(data, config.Shakespeare):
         return _shakespeare(data)
     if isinstance(data, config.Tabular):
-        return _tabular(data)
+        return _tabular(data, key)
     if isinstance(data, config.Custom):
         return _custom(data)
     raise config.bad("data", type(data).__name__, f"expected one of {', '.join(config.DATA_NAMES)}")
@@ -194,10 +268,13 @@ def split_rows(
 # ----------------------------------------------------------------------------- heart disease
 
 
-def _heart_disease(data: config.HeartDisease) -> Prepared:
+def _heart_disease(data: config.HeartDisease, key: jax.Array) -> Prepared:
     kwargs = {} if data.path is None else {"path": data.path}
+    option = private_standardize(data.standardize_noise_multiplier, heart_disease.PUBLIC_BOUNDS, key)
     try:
-        d = heart_disease.load(test_fraction=data.test_fraction, seed=data.split_seed, **kwargs)
+        d = heart_disease.load(
+            test_fraction=data.test_fraction, seed=data.split_seed, private_standardize=option, **kwargs
+        )
     except FileNotFoundError:
         if data.path is None:
             raise
@@ -211,7 +288,10 @@ def _heart_disease(data: config.HeartDisease) -> Prepared:
         raise _error(
             "data.path", data.path, f"{what}; expected a CSV in the shipped layout (site, ..., target)"
         ) from None
-    return Prepared(train=d.train, test=d.test, central_test=None, num_classes=2)
+    spent = None
+    if option is not None:  # the statistics are over the training patients
+        spent = standardization_summary(option, len(d.train.y), "one patient")
+    return Prepared(train=d.train, test=d.test, central_test=None, num_classes=2, standardization=spent)
 
 
 # ----------------------------------------------------------------------------- central images
@@ -385,7 +465,7 @@ def _shakespeare(data: config.Shakespeare) -> Prepared:
     )
 
 
-def _tabular(data: config.Tabular) -> Prepared:
+def _tabular(data: config.Tabular, key: jax.Array) -> Prepared:
     adult = data.name == "adult"
     column = data.client_column or ("race" if adult else "EDUCATION")
     allowed = tabular.ADULT_CATEGORICAL if adult else tabular.CREDIT_CATEGORICAL
@@ -401,16 +481,24 @@ def _tabular(data: config.Tabular) -> Prepared:
         )
     else:
         folder = _locate(data, "credit_default_uci", ["UCI_Credit_Card.csv"], "UCI_Credit_Card.csv")
+    option = None
+    if not adult:
+        option = private_standardize(data.standardize_noise_multiplier, tabular.CREDIT_PUBLIC_BOUNDS, key)
     try:
         if not adult:
-            population = tabular.credit_default(client_column=column, data_dir=folder)
+            population = tabular.credit_default(
+                client_column=column, data_dir=folder, private_standardize=option
+            )
             train, test = split_rows(population, data.test_fraction, data.split_seed)
         else:
             train = tabular.adult("train", client_column=column, data_dir=folder)
             test = _aligned(tabular.adult("test", client_column=column, data_dir=folder), train.client_names)
     except ValueError as e:
         raise _error("data.data_dir", data.data_dir, f"{folder}: {e}") from None
-    return Prepared(train=train, test=test, central_test=None, num_classes=2)
+    spent = None
+    if option is not None:  # credit default standardises over all rows (train and held out)
+        spent = standardization_summary(option, len(population.y), "one row (card holder)")
+    return Prepared(train=train, test=test, central_test=None, num_classes=2, standardization=spent)
 
 
 # ----------------------------------------------------------------------------- the user's own file

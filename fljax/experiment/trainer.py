@@ -634,6 +634,8 @@ def run_once(
     }
     if data.report is not None:
         summary["partition"] = data.report
+    if data.standardization is not None:  # unit: one record, not the training's client (not added)
+        summary["standardization_privacy"] = data.standardization
     table = None
     if config.baselines:
         table = _baselines(config, data, model, names, records, progress, trained.state.params)

@@ -36,6 +36,20 @@ SITE_NAMES = {
 }
 _NUMERIC = ("age", "trestbps", "chol", "thalach", "oldpeak", "ca")
 _ONE_HOT = {"cp": (1, 2, 3, 4), "restecg": (0, 1, 2), "slope": (1, 2, 3), "thal": (3, 6, 7)}
+# Public ranges of the numeric columns for private standardisation
+# (fljax.analytics.profiling.PrivateStandardize): clinical ranges fixed without looking at the
+# data: adult patients' age in years, resting systolic blood pressure (mmHg), serum cholesterol
+# (mg/dl; a value above 400 counts as 400 in the statistics only), maximum heart rate reached
+# (bpm, at most 220), ST depression (mm) and the number of major vessels coloured by
+# fluoroscopy (0 to 3).
+PUBLIC_BOUNDS = (
+    ("age", 20.0, 90.0),
+    ("trestbps", 80.0, 220.0),
+    ("chol", 100.0, 400.0),
+    ("thalach", 60.0, 220.0),
+    ("oldpeak", -3.0, 7.0),
+    ("ca", 0.0, 3.0),
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,6 +52,19 @@ CREDIT_NAMES = {
 CREDIT_CATEGORICAL = ("SEX", "EDUCATION", "MARRIAGE")
 EDUCATION_NAMES = {1: "graduate_school", 2: "university", 3: "high_school"}  # 0, 4, 5, 6: "other"
 MARRIAGE_NAMES = {1: "married", 2: "single"}  # 0, 3: "other"
+# Public ranges of credit default's numeric columns for private standardisation
+# (fljax.analytics.profiling.PrivateStandardize), fixed from the data set's documentation rather
+# than its values: amounts in NT dollars, credit limits up to 1,000,000; monthly bills from
+# -100,000 (overpaid) to 600,000 and payments up to 100,000 (larger ones, under 1% of rows,
+# count as the bound in the statistics only); age in years; repayment status from -2 (no
+# consumption) to 9 (nine months or more late).
+CREDIT_PUBLIC_BOUNDS = (
+    ("LIMIT_BAL", 0.0, 1_000_000.0),
+    ("AGE", 20.0, 80.0),
+    *((f"PAY_{i}", -2.0, 9.0) for i in (0, 2, 3, 4, 5, 6)),
+    *((f"BILL_AMT{i}", -100_000.0, 600_000.0) for i in range(1, 7)),
+    *((f"PAY_AMT{i}", 0.0, 100_000.0) for i in range(1, 7)),
+)
 
 
 def encode(
