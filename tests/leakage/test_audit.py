@@ -177,3 +177,16 @@ def test_audit_config_errors():
         runner.experiment.config.validate(fixed)
     with pytest.raises(ConfigError, match="audit.num_canaries"):
         runner.experiment.config.validate(dataclasses.replace(private, audit=Audit(num_canaries=1)))
+
+
+def test_resumed_audited_run_reports_the_audit_of_an_uninterrupted_one(tmp_path):
+    """Canaries derive from the run key and each round's key: a resumed run audits identically."""
+    config = dataclasses.replace(_audited(tmp_path, "resume"), checkpoint_every=2, eval_every=2)
+    straight = runner.trainer.run_once(dataclasses.replace(config, rounds=4), tmp_path / "s", progress=False)
+    runner.trainer.run_once(dataclasses.replace(config, rounds=2), tmp_path / "r", progress=False)
+    resumed = runner.trainer.run_once(
+        dataclasses.replace(config, rounds=4), tmp_path / "r", resume=True, progress=False
+    )
+    assert resumed["summary"]["privacy"]["audit"] == straight["summary"]["privacy"]["audit"]
+    timeless = lambda records: [{k: v for k, v in r.items() if k != "round_sec"} for r in records]
+    assert timeless(resumed["records"]) == timeless(straight["records"])
