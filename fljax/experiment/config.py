@@ -158,7 +158,10 @@ class Tabular:
 
     Adult is evaluated on its own test file split the same way; credit default has no test
     file, so each client's rows are split (``test_fraction``, ``split_seed``). Each client is
-    evaluated on its own held-out rows.
+    evaluated on its own held-out rows. Credit default with ``num_institutions`` gives that
+    many institutions instead: the rows of each ``client_column`` value are shared among them
+    in proportions drawn from ``Dirichlet(institution_alpha)``
+    (:func:`fljax.experiment.data.institutions`), so they differ in size and customer mix.
     """
 
     name: Literal["adult", "credit_default"] = "adult"
@@ -171,6 +174,13 @@ class Tabular:
         NONNEGATIVE,
         doc="credit default only; None: central standardisation; z >= 0: private (unit: one row)",
     )
+    num_institutions: int | None = field(
+        None,
+        COUNT,
+        doc="credit default only; None: one client per client_column value; n: n institutions whose "
+        "customer mixes over those values are drawn from Dirichlet(institution_alpha) (see data.py)",
+    )
+    institution_alpha: float = field(1.0, POSITIVE, doc="Dirichlet concentration of the mixes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,7 +391,8 @@ which a client takes part at most every ``population_size // cohort_size`` round
 
 SecAgg = secagg.SecAggConfig
 """The ``secagg`` section: :class:`fljax.secagg.SecAggConfig` (fixed-point encoding and pairwise
-masking, simulated inside the jitted round); with ``dp``, DP runs over the secure sum."""
+masking, simulated inside the jitted round, or run by the real protocol on the host with
+``secagg_protocol=True``); with ``dp``, DP runs over the secure sum."""
 
 BASELINES = ("local", "nonprivate", "pooled", "personalized")
 AGGREGATORS = ("weighted_mean", "uniform_mean", "median", "trimmed_mean")
@@ -413,7 +424,8 @@ class Config:
     fine-tuned by each client on its own data (``"personalized"``, settings in ``fine_tune``). ``metrics`` adds
     classification metrics (AUC, average precision, balanced accuracy, per-class recall, ECE)
     to each evaluation. ``aggregator`` replaces the algorithm's own (example-weighted mean for
-    the FedAvg family); with ``dp`` and/or ``secagg`` the aggregation is DP over a secure sum.
+    the FedAvg family); with ``dp`` and/or ``secagg`` the aggregation is DP over a secure sum,
+    simulated in jit or, with ``secagg_protocol``, computed by the real cryptographic protocol.
     """
 
     name: str = field("experiment", NONEMPTY)
@@ -439,6 +451,12 @@ class Config:
     distributed_dp: DistributedDP | None = None  # type: ignore[valid-type]
     dp_ftrl: DPFTRL | None = None  # type: ignore[valid-type]
     secagg: SecAgg | None = None
+    secagg_protocol: bool = field(
+        False,
+        doc="with secagg: the real cryptographic protocol on the host through jax.pure_callback "
+        "(fljax.secagg.protocol_sum) instead of the masking simulation in jit; the same sum bit "
+        "for bit as the simulation; for small models",
+    )
     audit: Audit | None = None
 
 
@@ -769,6 +787,8 @@ def population_size(config: Config) -> int | None:
         return 4
     if isinstance(data, Images):
         return data.num_clients
+    if isinstance(data, Tabular) and data.num_institutions is not None:
+        return data.num_institutions
     return None
 
 
@@ -926,8 +946,27 @@ def validate(config: Config, population: int | None = None) -> None:
             data.standardize_noise_multiplier,
             "expected None with data.name='adult' (private standardisation: heart_disease, credit_default)",
         )
+    if isinstance(data, Tabular) and data.name == "adult" and data.num_institutions is not None:
+        raise bad(
+            "data.num_institutions",
+            data.num_institutions,
+            "expected None with data.name='adult' (institutions: credit_default; adult splits by client_column)",
+        )
     if isinstance(data, Custom) and data.path is None:
         raise ConfigError("data.path: missing (needed by data.name='custom'); expected --set data.path=FILE")
+    if config.secagg_protocol and config.secagg is None:
+        raise bad(
+            "secagg_protocol",
+            True,
+            "expected False without a secagg section (the protocol runs the secure sum it configures); "
+            "set --set secagg={...} too",
+        )
+    if config.secagg_protocol and config.distributed_dp is not None:
+        raise bad(
+            "secagg_protocol",
+            True,
+            "expected False with distributed_dp (its masked modular sum is simulated in jit)",
+        )
     if population is None:
         return
     if cohort.sampling == "uniform" and cohort.size > population:

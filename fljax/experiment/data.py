@@ -10,7 +10,7 @@ the number of classes and, when a partitioner split central data, its :func:`par
 | ``Images`` | ``num_clients`` from a partitioner | the central test split |
 | ``FEMNIST`` | writers (first ``max_clients``) | the central test split |
 | ``Shakespeare`` | speaking roles (first ``max_clients``) | the pooled test split |
-| ``Tabular`` | one per value of ``client_column`` | adult: ``adult.test`` by client; credit: each client's own rows |
+| ``Tabular`` | one per value of ``client_column`` (credit: or ``num_institutions`` institutions) | adult: ``adult.test`` by client; credit: each client's own rows |
 | ``Custom`` | one per value of ``client_column`` | each client's own rows |
 
 A per-client row split (:func:`split_rows`) holds out ``round(test_fraction * n)`` of each
@@ -22,7 +22,8 @@ one secure-sum round gives), applied to train and held-out rows.
 Randomness: ``key`` (the run's ``"data"`` stream, :mod:`fljax.random`) draws the image subset
 (``host_rng(key, 1)``), the ``examples_per_client`` cut (``host_rng(key, 2)``) and the partition
 (the partitioner's own use of ``key``); ``Images.seed`` is applied by the caller when it derives
-``key``. Row splits use ``split_seed``, so they stay fixed while the run seed changes.
+``key``. Credit default's ``num_institutions`` institutions (:func:`institutions`) are drawn from
+``host_rng(key, 4)``. Row splits use ``split_seed``, so they stay fixed while the run seed changes.
 
 Private standardisation (``standardize_noise_multiplier=z`` of ``HeartDisease`` and of ``Tabular``
 with credit default): the numeric features' means and standard deviations come from
@@ -489,6 +490,10 @@ def _tabular(data: config.Tabular, key: jax.Array) -> Prepared:
             population = tabular.credit_default(
                 client_column=column, data_dir=folder, private_standardize=option
             )
+            if data.num_institutions is not None:
+                population = institutions(
+                    population, data.num_institutions, data.institution_alpha, fl_random.host_rng(key, 4)
+                )
             train, test = split_rows(population, data.test_fraction, data.split_seed)
         else:
             train = tabular.adult("train", client_column=column, data_dir=folder)
@@ -499,6 +504,54 @@ def _tabular(data: config.Tabular, key: jax.Array) -> Prepared:
     if option is not None:  # credit default standardises over all rows (train and held out)
         spent = standardization_summary(option, len(population.y), "one row (card holder)")
     return Prepared(train=train, test=test, central_test=None, num_classes=2, standardization=spent)
+
+
+MIN_INSTITUTION_ROWS = 100
+"""Fewest rows an institution of :func:`institutions` holds (a draw with fewer is redrawn)."""
+
+
+def institutions(
+    population: FederatedData, num_clients: int, alpha: float, rng: np.random.Generator
+) -> FederatedData:
+    """``num_clients`` institutions from a population of groups (e.g. education levels).
+
+    Each group's rows are shared among the institutions in proportions drawn from
+    ``Dirichlet(alpha)``: :func:`fljax.data.partition.dirichlet` with the group as the
+    "label". Institutions then differ in size and in their mix of groups (small ``alpha``:
+    each institution serves few groups; large: all alike). Every row lands in exactly one
+    institution, each holds at least :data:`MIN_INSTITUTION_ROWS` rows.
+
+    Args:
+      population: one client per group.
+      num_clients: number of institutions.
+      alpha: Dirichlet concentration (> 0).
+      rng: host generator of the draw (``host_rng`` of the run's data key).
+
+    Returns:
+      :class:`FederatedData` with clients ``institution_1``, ..., in a fixed order.
+
+    Examples:
+      >>> groups = FederatedData.from_clients([(np.zeros((300, 1)), np.zeros(300))] * 3)
+      >>> d = institutions(groups, 2, 1.0, np.random.default_rng(0))
+      >>> d.client_names, int(d.sizes.sum())
+      (('institution_1', 'institution_2'), 900)
+    """
+    group = np.repeat(np.arange(population.num_clients), population.sizes)
+    try:
+        p = partition.dirichlet(
+            group, num_clients, alpha, int(rng.integers(2**31 - 1)), min_size=MIN_INSTITUTION_ROWS
+        )
+    except ValueError as e:
+        if "min_size" in str(e) or "num_clients" in str(e):
+            raise _error("data.num_institutions", num_clients, str(e)) from None
+        raise _error("data.institution_alpha", alpha, str(e)) from None
+    return FederatedData.from_partition(
+        population.x,
+        population.y,
+        p.indices,
+        client_names=tuple(f"institution_{i + 1}" for i in range(num_clients)),
+        num_classes=population.num_classes,
+    )
 
 
 # ----------------------------------------------------------------------------- the user's own file

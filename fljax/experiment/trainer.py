@@ -107,6 +107,9 @@ def build_aggregator(config: Config, dp_config=None, audit=None):
     """The round's aggregator, or None for the algorithm's own (example-weighted mean for the
     FedAvg family, uniform mean for SCAFFOLD). With both ``dp`` and ``secagg``, DP runs over the
     secure sum (its weights are in [0, 1]: keep the secagg ``max_weight`` at 1, the default).
+    The secure sum is :func:`fljax.secagg.secure_sum` (masking simulated in jit) or, with
+    ``secagg_protocol``, :func:`fljax.secagg.protocol_sum` (the real protocol on the host, the
+    same sum bit for bit).
     ``audit``: ``(AuditConfig, key)``: the privacy mechanism with the audit's canary clients."""
     agg = _aggregator(config, dp_config)
     if audit is not None:
@@ -117,7 +120,10 @@ def build_aggregator(config: Config, dp_config=None, audit=None):
 def _aggregator(config: Config, dp_config=None):
     if isinstance(dp_config, privacy.DistributedDPConfig):  # its own masked modular sum
         return privacy.distributed_dp(dp_config, masking=config.secagg or privacy.distributed.DEFAULT_MASKING)
-    secure = secagg.secure_sum(config.secagg) if config.secagg is not None else None
+    secure = None
+    if config.secagg is not None:
+        sum_ = secagg.protocol_sum if config.secagg_protocol else secagg.secure_sum
+        secure = sum_(config.secagg)
     if isinstance(dp_config, privacy.MFConfig):
         return privacy.dp_ftrl(dp_config, sum=secure)
     if dp_config is not None:
@@ -231,6 +237,7 @@ def _compiled_round(config: Config, model, dp_config=None, num_clients: int = 0,
         config.trim_fraction,
         config.chunk_size,
         config.secagg,
+        config.secagg_protocol,
         dp_config,
         num_clients,
         repr(model),
@@ -630,7 +637,10 @@ def run_once(
         "rounds": config.rounds,
         "final": records[-1] if records else {},
         "privacy": trained.privacy
-        | {"secure_aggregation": config.secagg is not None or config.distributed_dp is not None},
+        | {
+            "secure_aggregation": config.secagg is not None or config.distributed_dp is not None,
+            "secure_aggregation_protocol": config.secagg is not None and config.secagg_protocol,
+        },
     }
     if data.report is not None:
         summary["partition"] = data.report
@@ -663,48 +673,78 @@ def _without_privacy(config: Config, population: int) -> Config:
         size = section.cohort_size or population
         cohort = cfg.Cohort() if size >= population else cfg.Cohort(sampling="poisson", q=size / population)
     return dataclasses.replace(
-        config, cohort=cohort, dp=None, distributed_dp=None, dp_ftrl=None, secagg=None, audit=None
+        config,
+        cohort=cohort,
+        dp=None,
+        distributed_dp=None,
+        dp_ftrl=None,
+        secagg=None,
+        secagg_protocol=False,
+        audit=None,
     )
 
 
 def _baselines(config: Config, data: data_lib.Prepared, model, names, records, progress, params) -> dict:
     """Each client's held-out accuracy (central test accuracy without per-client test data)
     under the federated model (final ``params``) and under each baseline. Baselines are
-    non-private: they show what a client gives up or gains by federating."""
+    non-private: they show what a client gives up or gains by federating. With
+    ``config.metrics``, ``table["metrics"][m][column]`` holds each client's value of the scalar
+    metric ``m`` (e.g. ``"auc"``) in the same layout, for every column but ``"personalized"``."""
     train_data, test_data = data.train, data.test
     alone = dataclasses.replace(
-        config, cohort=cfg.Cohort(), dp=None, distributed_dp=None, dp_ftrl=None, secagg=None, audit=None
+        config,
+        cohort=cfg.Cohort(),
+        dp=None,
+        distributed_dp=None,
+        dp_ftrl=None,
+        secagg=None,
+        secagg_protocol=False,
+        audit=None,
     )
 
-    def scores(params, population_test):
-        if population_test is not None:
-            return evaluation.federated_evaluate(model, params, population_test)["per_client_accuracy"]
-        return [evaluation.evaluate(model, params, *data.central_test)["accuracy"]]
+    scalar = [m for m in config.metrics if m != "per_class_recall"]
 
+    def scores(params, population_test) -> dict[str, list[float]]:
+        """``{"accuracy": [per client], m: [per client] for each scalar metric}``."""
+        if population_test is not None:
+            res = evaluation.federated_evaluate(model, params, population_test, metrics=config.metrics)
+            return {m: res[f"per_client_{m}"] for m in ("accuracy", *scalar)}
+        res = evaluation.evaluate(model, params, *data.central_test, metrics=config.metrics)
+        return {m: [res[m]] for m in ("accuracy", *scalar)}
+
+    final = records[-1]
+    metrics = {m: {} for m in scalar}
     if test_data is not None:
         table = {"client": names, "test_sizes": test_data.sizes.tolist()}
-        table["federated"] = records[-1]["fed_per_client_accuracy"]
+        table["federated"] = final["fed_per_client_accuracy"]
+        for m in scalar:
+            metrics[m]["federated"] = final[f"fed_per_client_{m}"]
     else:  # a central test set: one row, "all clients"
         table = {"client": ["central test"], "test_sizes": [len(data.central_test[1])]}
-        table["federated"] = [records[-1]["test_accuracy"]]
+        table["federated"] = [final["test_accuracy"]]
+        for m in scalar:
+            metrics[m]["federated"] = [final[f"test_{m}"]]
     if "personalized" in config.baselines:
         table["personalized"] = _personalized(config, data, model, params)
     if "local" in config.baselines:
-        table["local"] = []
+        local = {m: [] for m in ("accuracy", *scalar)}
         for c in range(train_data.num_clients):
             test_c = test_data.subset([c]) if test_data is not None else None
             trained = train(
                 alone,
                 train_data.subset([c]),
                 model,
-                eval_fn=lambda p, t=test_c: {"acc": scores(p, t)},
+                eval_fn=lambda p, t=test_c: {"scores": scores(p, t)},
                 progress=progress,
                 desc=f"alone: {names[c]}",
             )
-            accs = trained.records[-1]["acc"]
-            table["local"].append(accs[0])
+            for m, values in trained.records[-1]["scores"].items():
+                local[m].append(values[0])
         if test_data is None:  # one number: the mean over clients of each one's own model
-            table["local"] = [float(np.mean(table["local"]))]
+            local = {m: [float(np.mean(v))] for m, v in local.items()}
+        table["local"] = local.pop("accuracy")
+        for m, values in local.items():
+            metrics[m]["local"] = values
     others = {  # the same federation without DP or secure aggregation; everyone's data in one place
         "nonprivate": (lambda: train_data, "federated, not private"),
         "pooled": (
@@ -718,11 +758,16 @@ def _baselines(config: Config, data: data_lib.Prepared, model, names, records, p
                 alone if col == "pooled" else _without_privacy(config, train_data.num_clients),
                 population(),
                 model,
-                eval_fn=lambda p: {"per": scores(p, test_data)},
+                eval_fn=lambda p: {"scores": scores(p, test_data)},
                 progress=progress,
                 desc=desc,
             )
-            table[col] = trained.records[-1]["per"]
+            per = dict(trained.records[-1]["scores"])
+            table[col] = per.pop("accuracy")
+            for m, values in per.items():
+                metrics[m][col] = values
+    if metrics:
+        table["metrics"] = metrics
     return table
 
 
@@ -868,6 +913,9 @@ def _check_out(out: pathlib.Path, config: Config, *, resume: bool, overwrite: bo
     new = json.loads(outputs.dumps(cfg.to_dict(config)))  # as config.json stores it
     refused = []
     for key, a, b in _config_diff(old, new):
+        if a is _MISSING and b == _default(config, key):
+            continue  # a field added since that run, at its default: what the run did
+        a, b = (None if v is _MISSING else v for v in (a, b))
         shrinks = key == "rounds" and not (isinstance(a, int) and isinstance(b, int) and b >= a)
         shrinks = shrinks or (key == "rounds" and config.dp_ftrl is not None)  # its noise spans the rounds
         if key in RESUMABLE and not shrinks:
@@ -882,13 +930,30 @@ def _check_out(out: pathlib.Path, config: Config, *, resume: bool, overwrite: bo
     return json.loads(info.read_text()) if info.exists() else None
 
 
+_MISSING = object()
+
+
 def _config_diff(old, new, prefix=""):
-    """``(dotted key, old, new)`` for each difference between two configs; a missing key is None."""
+    """``(dotted key, old, new)`` for each difference between two configs; a key absent from
+    one side is :data:`_MISSING` there."""
     if isinstance(old, dict) and isinstance(new, dict):
         for k in sorted(set(old) | set(new)):
-            yield from _config_diff(old.get(k), new.get(k), f"{prefix}{k}.")
+            yield from _config_diff(old.get(k, _MISSING), new.get(k, _MISSING), f"{prefix}{k}.")
     elif old != new:
         yield prefix[:-1], old, new
+
+
+def _default(config: Config, key: str):
+    """The default of field ``key`` (dotted) of ``config``'s section, as config.json stores it
+    (:data:`_MISSING` if the field has no default)."""
+    *parents, name = key.split(".")
+    section = config
+    for p in parents:
+        section = getattr(section, p, None)
+    fields = {f.name: f for f in dataclasses.fields(section)} if dataclasses.is_dataclass(section) else {}
+    if name not in fields or fields[name].default is dataclasses.MISSING:
+        return _MISSING
+    return json.loads(outputs.dumps(fields[name].default))
 
 
 def _clear(out: pathlib.Path) -> None:
@@ -939,6 +1004,15 @@ def _run_repeats(config: Config, out: pathlib.Path, *, resume: bool, progress: b
                     float(np.nansum(np.multiply(t["test_sizes"], t[col])) / np.sum(t["test_sizes"]))
                     for t in tables
                 ]
+        if "metrics" in tables[0]:  # per-client metric values, mean and sd over the repeats
+            table["metrics"] = {
+                m: {
+                    key: stat(np.array([t["metrics"][m][col] for t in tables], np.float64), axis=0).tolist()
+                    for col in cols
+                    for key, stat in ((col, np.mean), (f"{col}_std", np.std))
+                }
+                for m, cols in tables[0]["metrics"].items()
+            }
         table["repeats"] = config.repeats
         summary["per_client_test_accuracy"] = table
         outputs.print_table(table)

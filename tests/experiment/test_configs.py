@@ -29,6 +29,7 @@ SMOKE = {
     ),
     "adult": ("adult_uci", ["client.max_steps=20", "baselines=('pooled',)"]),
     "credit_default": ("credit_default_uci", ["client.max_steps=20", "baselines=('pooled',)"]),
+    "banks_credit": ("credit_default_uci", ["client.max_steps=20", "baselines=('pooled',)"]),
     "femnist": ("femnist_leaf_small", ["data.max_clients=10", "data.max_test_examples=500", "cohort.size=3"]),
     "femnist_private": ("femnist_leaf_small", ["data.max_clients=10", "data.max_test_examples=500"]),
     "shakespeare": (

@@ -187,3 +187,32 @@ def test_secure_aggregation_run_tracks_the_plain_run(tmp_path):
         )
         < 1e-3
     )
+
+
+def test_resume_accepts_a_run_saved_before_a_field_existed_only_at_its_default(tmp_path, capsys):
+    """A config.json written before a field was added (the field absent) resumes when the field is
+    at its default, the behaviour that run had; any other value is refused."""
+    run = _runner()
+    out = tmp_path / "older"
+    common = ["--config", HEART, "--set", "baselines=()", "--set", "repeats=1", "--no-progress"]
+    run.main(common + ["--set", "rounds=1", "--out", str(out)])
+    stored = json.loads((out / "config.json").read_text())
+    del stored["audit"], stored["data"]["standardize_noise_multiplier"]
+    (out / "config.json").write_text(json.dumps(stored))
+    run.main(common + ["--set", "rounds=2", "--out", str(out), "--resume"])
+    assert len(_metrics(out)) == 2
+    (out / "config.json").write_text(json.dumps(stored))
+    with pytest.raises(SystemExit):
+        run.main(
+            common
+            + [
+                "--set",
+                "rounds=3",
+                "--set",
+                "data.standardize_noise_multiplier=0.0",
+                "--out",
+                str(out),
+                "--resume",
+            ]
+        )
+    assert "data.standardize_noise_multiplier: None -> 0.0" in capsys.readouterr().err
