@@ -672,6 +672,11 @@ def _without_privacy(config: Config, population: int) -> Config:
         section = config.distributed_dp  # distributed DP samples Poisson at cohort_size / population
         size = section.cohort_size or population
         cohort = cfg.Cohort() if size >= population else cfg.Cohort(sampling="poisson", q=size / population)
+    return _plain(config, cohort)
+
+
+def _plain(config: Config, cohort: cfg.Cohort) -> Config:
+    """``config`` with ``cohort`` and no DP, no secure aggregation and no audit."""
     return dataclasses.replace(
         config,
         cohort=cohort,
@@ -691,16 +696,7 @@ def _baselines(config: Config, data: data_lib.Prepared, model, names, records, p
     ``config.metrics``, ``table["metrics"][m][column]`` holds each client's value of the scalar
     metric ``m`` (e.g. ``"auc"``) in the same layout, for every column but ``"personalized"``."""
     train_data, test_data = data.train, data.test
-    alone = dataclasses.replace(
-        config,
-        cohort=cfg.Cohort(),
-        dp=None,
-        distributed_dp=None,
-        dp_ftrl=None,
-        secagg=None,
-        secagg_protocol=False,
-        audit=None,
-    )
+    alone = _plain(config, cfg.Cohort())
 
     scalar = [m for m in config.metrics if m != "per_class_recall"]
 
