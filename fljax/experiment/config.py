@@ -88,10 +88,13 @@ class HeartDisease:
     """UCI Heart Disease, one client per hospital (4), shipped inside fljax; no download.
 
     Each hospital's patients are split into train and test (``test_fraction``, stratified
-    by ``split_seed``); every client is evaluated on its own held-out patients.
+    by ``split_seed``); every client is evaluated on its own held-out patients. ``target``:
+    ``"disease"`` (2 classes, ``num > 0``) or ``"severity"`` (the 5 levels of ``num``; Hungary's
+    file codes 0 and 1 only, see :mod:`fljax.data.datasets.heart_disease`).
     """
 
     name: Literal["heart_disease"] = "heart_disease"
+    target: Literal["disease", "severity"] = "disease"
     test_fraction: float = field(0.25, FRACTION, doc="held-out share of each hospital")
     split_seed: int = field(0, SEED, doc="seed of the train/test split (repeats add their index)")
     path: str | None = field(None, doc="CSV in the shipped layout (default: the shipped file)")
@@ -437,6 +440,12 @@ class Config:
     cohort: Cohort = Cohort()
     rounds: int = field(10, COUNT)
     eval_every: int = field(1, COUNT)
+    stop_at_accuracy: float | None = field(
+        None,
+        PROBABILITY,
+        doc="stop after the first evaluated round whose accuracy (test_accuracy, else "
+        "fed_weighted_accuracy) is >= this; summary.json records the round (None: run all rounds)",
+    )
     checkpoint_every: int = field(10, _integer(0), doc="0: no checkpoints")
     repeats: int = field(1, COUNT)
     baselines: tuple[Literal["local", "nonprivate", "pooled", "personalized"], ...] = ()

@@ -274,7 +274,11 @@ def _heart_disease(data: config.HeartDisease, key: jax.Array) -> Prepared:
     option = private_standardize(data.standardize_noise_multiplier, heart_disease.PUBLIC_BOUNDS, key)
     try:
         d = heart_disease.load(
-            test_fraction=data.test_fraction, seed=data.split_seed, private_standardize=option, **kwargs
+            test_fraction=data.test_fraction,
+            seed=data.split_seed,
+            private_standardize=option,
+            target=data.target,
+            **kwargs,
         )
     except FileNotFoundError:
         if data.path is None:
@@ -292,7 +296,9 @@ def _heart_disease(data: config.HeartDisease, key: jax.Array) -> Prepared:
     spent = None
     if option is not None:  # the statistics are over the training patients
         spent = standardization_summary(option, len(d.train.y), "one patient")
-    return Prepared(train=d.train, test=d.test, central_test=None, num_classes=2, standardization=spent)
+    return Prepared(
+        train=d.train, test=d.test, central_test=None, num_classes=d.train.num_classes, standardization=spent
+    )
 
 
 # ----------------------------------------------------------------------------- central images

@@ -253,11 +253,34 @@ def _compiled_round(config: Config, model, dp_config=None, num_clients: int = 0,
 
 @dataclasses.dataclass
 class Trained:
-    """What :func:`train` returns: the final server state, each round's record, the privacy spent."""
+    """What :func:`train` returns: the final server state, each round's record, the privacy spent
+    and, with ``config.stop_at_accuracy``, the round that reached it (None: not reached)."""
 
     state: object
     records: list[dict]
     privacy: dict
+    reached_round: int | None = None
+
+
+ACCURACY_KEYS = ("test_accuracy", "fed_weighted_accuracy")
+"""The record keys ``stop_at_accuracy`` compares, in order: the central test accuracy, else the
+accuracy over all clients' held-out examples."""
+
+
+def reached(record: dict, target: float | None) -> bool:
+    """Whether an evaluated round's ``record`` reaches accuracy ``target`` (False for None or a
+    round without evaluation).
+
+    Examples:
+      >>> reached({"round": 3, "test_accuracy": 0.991}, 0.99)
+      True
+      >>> reached({"round": 4}, 0.99), reached({"test_accuracy": 0.5}, None)
+      (False, False)
+    """
+    if target is None:
+        return False
+    value = next((record[k] for k in ACCURACY_KEYS if k in record), None)
+    return value is not None and value >= target
 
 
 def train(
@@ -333,6 +356,8 @@ def train(
     bar = outputs.Progress(rounds, start, desc=desc, enabled=progress, every_line=out_dir is not None)
     writer = outputs.tensorboard_writer(out_dir, start)
     stopped, done, saved = None, start, start
+    target = config.stop_at_accuracy
+    reached_round = next((r["round"] for r in records if reached(r, target)), None)  # a resumed run
 
     def save():
         extra = {"round": done, "epsilon": None if ledger is None else ledger.epsilon()}
@@ -342,6 +367,8 @@ def train(
             checkpoint.save(ckpt_dir, done, bundle(), extra)
 
     for r in range(start, rounds):
+        if reached_round is not None:
+            break
         t0 = time.perf_counter()
         if ledger is not None and not ledger.can_run(1):
             stopped = (
@@ -378,6 +405,8 @@ def train(
             record.update(eval_fn(state.params))
         records.append(record)
         done = r + 1
+        if reached(record, target):
+            reached_round = done
         if metrics_path is not None:
             outputs.append_line(
                 metrics_path, outputs.dumps(record) + "\n", crash=_crash_point("metrics", done)
@@ -390,7 +419,7 @@ def train(
     bar.close()
     if writer is not None:
         writer.close()
-    if ckpt_dir is not None and ck_every and saved != done:  # stopped by the privacy budget
+    if ckpt_dir is not None and ck_every and saved != done:  # stopped by the budget or the target
         save()
     spent = {"epsilon": float("inf"), "note": "no differential privacy configured"}
     if ledger is not None:
@@ -409,7 +438,7 @@ def train(
                 f"exceeds the accountant's {ledger.epsilon():.3f}; this run is not private",
                 flush=True,
             )
-    return Trained(state, records, spent)
+    return Trained(state, records, spent, reached_round)
 
 
 def _audit(config: Config, dp_config, run_key: jax.Array):
@@ -636,6 +665,7 @@ def run_once(
         "name": config.name,
         "rounds": config.rounds,
         "final": records[-1] if records else {},
+        **_target(config, trained),
         "privacy": trained.privacy
         | {
             "secure_aggregation": config.secagg is not None or config.distributed_dp is not None,
@@ -653,6 +683,20 @@ def run_once(
         out / "summary.json", outputs.dumps(summary | {"per_client_test_accuracy": table}, indent=1)
     )
     return {"summary": summary, "records": records, "table": table}
+
+
+def _target(config: Config, trained: Trained) -> dict:
+    """``summary.json``'s ``stop_at_accuracy`` entry: the target, the first evaluated round that
+    reached it (None: not reached in the rounds run) and the rounds run."""
+    if config.stop_at_accuracy is None:
+        return {}
+    return {
+        "stop_at_accuracy": {
+            "target": config.stop_at_accuracy,
+            "reached_round": trained.reached_round,
+            "rounds_run": len(trained.records),
+        }
+    }
 
 
 def _without_privacy(config: Config, population: int) -> Config:

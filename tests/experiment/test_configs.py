@@ -19,6 +19,12 @@ COMMON = ["rounds=2", "eval_every=2", "repeats=1", "checkpoint_every=2"]
 SMOKE = {
     "heart_disease": (None, []),
     "heart_disease_private": (None, []),
+    "hospitals_severity": (None, ["baselines=('pooled',)"]),
+    "femnist_adaptive_clip": (
+        "femnist_leaf_small",
+        # 10 writers: expected cohort 2, whose default sigma_b = 2/20 is below z / 2
+        ["data.max_clients=10", "data.max_test_examples=500", "dp.clipped_count_stddev=1.0"],
+    ),
     "cifar10_founding": (
         "cifar10_jpeg",
         ["data.max_train_examples=300", "data.max_test_examples=200", "client.num_epochs=1"],
@@ -27,11 +33,27 @@ SMOKE = {
         "mnist",
         ["data.num_clients=50", "data.examples_per_client=20", "dp.cohort_size=5", "cohort.q=0.1"],
     ),
+    "mcmahan2017_mnist": ("mnist", ["data.max_train_examples=2000", "data.max_test_examples=500"]),
     "adult": ("adult_uci", ["client.max_steps=20", "baselines=('pooled',)"]),
     "credit_default": ("credit_default_uci", ["client.max_steps=20", "baselines=('pooled',)"]),
     "banks_credit": ("credit_default_uci", ["client.max_steps=20", "baselines=('pooled',)"]),
     "femnist": ("femnist_leaf_small", ["data.max_clients=10", "data.max_test_examples=500", "cohort.size=3"]),
     "femnist_private": ("femnist_leaf_small", ["data.max_clients=10", "data.max_test_examples=500"]),
+    "reddi2021_femnist": (
+        "femnist_leaf_small",
+        ["data.max_clients=10", "data.max_test_examples=500", "cohort.size=3", "server.algorithm=fedadagrad"],
+    ),
+    "reddi2021_shakespeare": (
+        "shakespeare_tff",
+        [
+            "data.max_clients=6",
+            "data.max_test_examples=100",
+            "model.lstm_sizes=(16,)",
+            "cohort.size=3",
+            "client.max_steps=2",
+            "server.algorithm=fedadagrad",
+        ],
+    ),
     "shakespeare": (
         "shakespeare_tff",
         [

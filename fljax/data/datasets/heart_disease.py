@@ -1,8 +1,14 @@
 """UCI Heart Disease across four hospitals, shipped inside fljax (CC BY 4.0).
 
 The data set is naturally federated: Cleveland (303 patients), Hungary (294),
-Switzerland (123) and VA Long Beach (200). The task is binary: disease present
-(``num > 0``). Attribution: ``fljax/data/resources/HEART_DISEASE_ATTRIBUTION.md``.
+Switzerland (123) and VA Long Beach (200). The default task is binary: disease
+present (``num > 0``). ``target="severity"`` predicts the original 5-level ``num``
+(0 no disease, 1-4 increasing severity), whose class counts differ sharply by
+site (:data:`SEVERITY_COUNTS`): Switzerland has 8 patients without disease out of
+123, and Hungary's file codes ``num`` as 0 or 1 only (its 106 diseased patients
+are all labelled 1, whatever their severity), so its label 1 means "disease"
+where the other sites' means "severity 1".
+Attribution: ``fljax/data/resources/HEART_DISEASE_ATTRIBUTION.md``.
 
 Features (all float32, 29 columns), encoded with fixed rules so that no
 statistic crosses hospitals except the federated mean and variance used for
@@ -33,6 +39,15 @@ SITE_NAMES = {
     "hungarian": "Hungary",
     "switzerland": "Switzerland",
     "va": "VA Long Beach",
+}
+TARGETS = ("disease", "severity")
+NUM_SEVERITY_LEVELS = 5
+# Patients per severity level 0-4 at each site in the shipped file (UCI ``processed.*.data``).
+SEVERITY_COUNTS = {
+    "cleveland": (164, 55, 36, 35, 13),
+    "hungarian": (188, 106, 0, 0, 0),
+    "switzerland": (8, 48, 32, 30, 5),
+    "va": (51, 56, 41, 42, 10),
 }
 _NUMERIC = ("age", "trestbps", "chol", "thalach", "oldpeak", "ca")
 _ONE_HOT = {"cp": (1, 2, 3, 4), "restecg": (0, 1, 2), "slope": (1, 2, 3), "thal": (3, 6, 7)}
@@ -106,7 +121,14 @@ def _encode(frame: pd.DataFrame) -> tuple[np.ndarray, list[str], np.ndarray]:
     return np.stack(cols, axis=1), names, np.asarray(numeric)
 
 
-def load(*, test_fraction: float = 0.25, seed: int = 0, path=None, private_standardize=None) -> HeartDisease:
+def load(
+    *,
+    test_fraction: float = 0.25,
+    seed: int = 0,
+    path=None,
+    private_standardize=None,
+    target: str = "disease",
+) -> HeartDisease:
     """Load the four hospitals as a federated train/held-out split.
 
     Each hospital's patients are split at random (stratified by label, from
@@ -123,24 +145,41 @@ def load(*, test_fraction: float = 0.25, seed: int = 0, path=None, private_stand
         come from its noised sums (unit: one training patient; bounds named by the
         numeric columns ``age``, ``trestbps``, ``chol``, ``thalach``, ``oldpeak``,
         ``ca``). Without noise it gives exactly the default's numbers.
+      target: ``"disease"`` (default): 2 classes, 0 healthy and 1 disease (``num > 0``);
+        ``"severity"``: the 5 levels of ``num`` (0 healthy, 1-4 severity; Hungary's
+        file has 0 and 1 only, see the module docstring), split stratified by level.
 
     Returns:
-      :class:`HeartDisease` with 2 classes (0 healthy, 1 disease).
+      :class:`HeartDisease` with 2 classes, or 5 with ``target="severity"``.
+
+    Examples:
+      >>> d = load(target="severity")
+      >>> d.train.num_classes, int(d.train.sizes.sum() + d.test.sizes.sum())
+      (5, 920)
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     frame = read_csv(path)
     unknown = sorted(set(frame["site"]) - set(SITES))
     if unknown:
         raise ValueError(f"unknown site(s) {unknown}; expected {SITES}")
     x_all, names, numeric = _encode(frame)
-    y_all = (frame["target"].to_numpy() > 0).astype(np.int32)
+    num = frame["target"].to_numpy()
+    if target == "severity":
+        bad = sorted(set(num[~np.isin(num, np.arange(NUM_SEVERITY_LEVELS))].tolist()))
+        if bad:
+            raise ValueError(f"target='severity' needs num in 0-4; the file has {bad}")
+        y_all, num_classes = num.astype(np.int32), NUM_SEVERITY_LEVELS
+    else:
+        y_all, num_classes = (num > 0).astype(np.int32), 2
     rng = np.random.default_rng(seed)
     train_idx, test_idx = [], []
     for site in SITES:
         idx = np.flatnonzero(frame["site"].to_numpy() == site)
         tr, te = [], []
-        for label in (0, 1):
+        for label in range(num_classes):
             lab = rng.permutation(idx[y_all[idx] == label])
             k = int(round(test_fraction * len(lab)))
             te.append(lab[:k])
@@ -157,6 +196,10 @@ def load(*, test_fraction: float = 0.25, seed: int = 0, path=None, private_stand
     x[:, numeric] = np.nan_to_num(standardize.apply(x_all[:, numeric], scaler), nan=0.0)
     x = x.astype(np.float32)
     client_names = tuple(SITE_NAMES[s] for s in SITES)
-    train = FederatedData.from_partition(x, y_all, train_idx, client_names=client_names, num_classes=2)
-    test = FederatedData.from_partition(x, y_all, test_idx, client_names=client_names, num_classes=2)
+    train = FederatedData.from_partition(
+        x, y_all, train_idx, client_names=client_names, num_classes=num_classes
+    )
+    test = FederatedData.from_partition(
+        x, y_all, test_idx, client_names=client_names, num_classes=num_classes
+    )
     return HeartDisease(train=train, test=test, feature_names=tuple(names))
