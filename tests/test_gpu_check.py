@@ -1,0 +1,46 @@
+"""``experiments/gpu_check.sh --dry-run``: the GPU check's sequence on CPU at tiny sizes.
+
+PyTorch is in the ``bench`` extra, not the ``test`` extra: without it the benchmark prints a
+``skipped`` line for the PyTorch loop; every other line is checked, then the test is skipped.
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow  # about 80 CPU seconds: compiling the LeNet round and the many_small buckets
+def test_gpu_check_dry_run_prints_every_stage():
+    env = dict(os.environ, PYTHON=sys.executable)
+    env.pop("XLA_FLAGS", None)  # one CPU device, as on a GPU machine's host
+    proc = subprocess.run(
+        ["bash", str(ROOT / "experiments" / "gpu_check.sh"), "--dry-run"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    start, done = lines[0], lines[-1]
+    assert start["bench"] == done["bench"] == "gpu_check"
+    assert start["stage"] == "start" and start["dry_run"] is True and start["backend"] == "cpu"
+    assert done["stage"] == "done" and done["budget_sec"] == 60 and done["elapsed_sec"] >= 0
+    seed = [line for line in lines if line["bench"] == "seed_cifar"]
+    fljax = [line for line in seed if line.get("system") == "fljax"]
+    assert [(line["cohort"], line["variant"]) for line in fljax] == [(2, "plain")]
+    assert fljax[0]["sec_per_round"] > 0 and fljax[0]["examples_per_sec"] > 0
+    (bound,) = [line for line in seed if line.get("system") == "hw_bound"]
+    assert bound["cohort"] == 2 and bound["sec_per_round"] > 0
+    (torch_line,) = [line for line in seed if line.get("system") == "pytorch_loop"]
+    many = [line for line in lines if line["bench"] == "many_small"]
+    assert [line["cohort"] for line in many] == [16, 300]
+    assert all(line["client_updates_per_sec"] > 0 for line in many)
+    if importlib.util.find_spec("torch") is None:
+        assert torch_line["skipped"] == "torch not installed"
+        pytest.skip("torch is not installed (the 'bench' extra, not the 'test' extra): PyTorch loop skipped")
+    assert torch_line["sec_per_round"] > 0 and "speedup_vs_pytorch" in fljax[0]
