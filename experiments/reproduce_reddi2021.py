@@ -249,7 +249,10 @@ def _write(results: pathlib.Path, rows: list[dict], args) -> None:
         "# Reddi et al. 2021 (Adaptive Federated Optimization): FedAvg vs FedAdam vs FedYogi vs FedAdagrad",
         "",
         "The paper's tuned client and server learning rates and tau (log10 grid, as printed; nothing"
-        " tuned here). Paper accuracy: Table 1, averaged over the last 100 of its rounds. fljax"
+        " tuned here; rates from the authors' hyperparameter table in google-research/federated)."
+        " Paper accuracy: Table 1, averaged over the last 100 of its rounds (quoted from the"
+        " paper; its text could not be re-read offline here, so check arXiv:2003.00295v5 Table 1"
+        " before citing these four columns). fljax"
         " accuracy: test accuracy after the stated rounds (one seed, the same cohorts for the 4"
         " algorithms of a task); in brackets, the evaluation before it.",
         "",
