@@ -23,8 +23,13 @@ a snippet's end included; the paper masks it), so the values are not on the pape
 Paper (Table 1, validation accuracy averaged over the last 100 of 1,200 rounds): FedAvg 56.9%,
 FedAdam 57.0%, FedYogi 57.3%, FedAdagrad 57.5%.
 
-Hardware and runtime: 2 CPU cores shared with other jobs, jax 0.10.2: MEASURED.
-Measured result (seed 0, test accuracy after 5 rounds): MEASURED.
+Hardware and runtime: 2 CPU cores shared with other jobs (load 6 to 10), jax 0.10.2: 125 s
+to 255 s a run (FedAvg 243 s, about 40 s a round with an evaluation every round), 14 minutes
+for the 4 algorithms.
+Measured result (seed 0, the same cohorts for all 4; test accuracy after 5 rounds): FedAvg
+0.380, FedAdam 0.307, FedYogi 0.292, FedAdagrad 0.379. After 5 rounds every model is still near
+the first plateau (FedAvg reads 0.372 after one round: frequent characters and the padding),
+so this is a smoke-scale comparison, not a test of the paper's 0.6-point spread.
 Details, curves and why the numbers differ: experiments/results/reddi2021.md.
 """
 
