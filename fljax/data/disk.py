@@ -73,9 +73,8 @@ from collections.abc import Iterable, Sequence
 import jax
 import numpy as np
 
-from fljax import random as fl_random
-from fljax.base import ClientData, Cohort
-from fljax.data.federated import FederatedData
+from fljax.base import Cohort
+from fljax.data.federated import FederatedData, _cohort_arrays, _finish_cohort, _subset
 
 FORMAT = "fljax.disk_population"
 VERSION = 1
@@ -358,51 +357,25 @@ class DiskPopulation:
         clients larger than ``num_examples`` keep the subset drawn from ``key``
         and their id), reading only the cohort's clients from disk.
         """
-        ids = np.asarray(client_ids, np.int64)
-        if ids.ndim != 1:
-            raise ValueError(f"client_ids must be 1-D, got shape {ids.shape}")
-        if np.any(ids >= self.num_clients) or np.any(ids < -1):
-            raise ValueError(f"client ids must lie in [-1, {self.num_clients}), got {ids.min()}..{ids.max()}")
-        sizes = self.sizes
-        n = int(sizes.max()) if num_examples is None else int(num_examples)
-        if n <= 0:
-            raise ValueError(f"num_examples must be positive, got {n}")
-        c = ids.shape[0]
-        x = np.zeros((c, n) + self.x.shape[1:], self.x.dtype)
-        y = np.zeros((c, n) + self.y.shape[1:], self.y.dtype)
-        mask = np.zeros((c, n), bool)
+        ids, n, (x, y, mask) = _cohort_arrays(client_ids, self.sizes, num_examples, self.x, self.y)
         arrays = ((self.x, x), (self.y, y))
         fds = [os.open(a.filename, os.O_RDONLY) for a, _ in arrays]
         try:
             for slot, cid in enumerate(ids):
                 if cid < 0:
                     continue
-                s, size = int(self.offsets[cid]), int(sizes[cid])
-                k = min(size, n)
-                if size > n and key is None:
-                    raise ValueError(
-                        f"client {cid} has {size} examples > num_examples={n}: pass key= (e.g. "
-                        "fljax.random.stream(run_key, 'data')) to draw its subset from the run's seed"
-                    )
+                s, size = int(self.offsets[cid]), int(self.sizes[cid])
+                pick = _subset(int(cid), size, n, key)  # FederatedData's subset: same draw
                 for fd, (src, out) in zip(fds, arrays, strict=True):
                     row_bytes = src.itemsize * int(np.prod(src.shape[1:], dtype=np.int64))
-                    if size <= n:
-                        _read(fd, src.offset, row_bytes, s, out[slot, :k])
-                    else:  # FederatedData's subset: the same draw from the key and the id
+                    if pick is None:
+                        _read(fd, src.offset, row_bytes, s, out[slot, :size])
+                    else:
                         rows = np.empty((size,) + src.shape[1:], src.dtype)
                         _read(fd, src.offset, row_bytes, s, rows)
-                        pick = fl_random.host_rng(key, int(cid)).choice(np.arange(size), n, replace=False)
-                        out[slot] = rows[np.sort(pick)]
-                mask[slot, :k] = True
+                        out[slot] = rows[pick]
+                mask[slot, : min(size, n)] = True
         finally:
             for fd in fds:
                 os.close(fd)
-        valid = ids >= 0
-        if client_mask is not None:
-            valid = valid & np.asarray(client_mask, bool)
-        valid = valid & mask.any(axis=1)
-        return Cohort(
-            data=ClientData(x=x, y=y, mask=mask),
-            client_ids=np.where(ids >= 0, ids, -1).astype(np.int32),
-            client_mask=valid,
-        )
+        return _finish_cohort(ids, client_mask, x, y, mask)

@@ -159,45 +159,62 @@ class FederatedData:
         Returns:
           A :class:`Cohort` of numpy arrays (``jax.device_put`` it, or let jit do it).
         """
-        ids = np.asarray(client_ids, np.int64)
-        if ids.ndim != 1:
-            raise ValueError(f"client_ids must be 1-D, got shape {ids.shape}")
-        if np.any(ids >= self.num_clients) or np.any(ids < -1):
-            raise ValueError(f"client ids must lie in [-1, {self.num_clients}), got {ids.min()}..{ids.max()}")
-        sizes = self.sizes
-        n = int(sizes.max()) if num_examples is None else int(num_examples)
-        if n <= 0:
-            raise ValueError(f"num_examples must be positive, got {n}")
-        c = ids.shape[0]
-        x = np.zeros((c, n) + self.x.shape[1:], self.x.dtype)
-        y = np.zeros((c, n) + self.y.shape[1:], self.y.dtype)
-        mask = np.zeros((c, n), bool)
+        ids, n, (x, y, mask) = _cohort_arrays(client_ids, self.sizes, num_examples, self.x, self.y)
         for slot, cid in enumerate(ids):
             if cid < 0:
                 continue
-            s, size = self.offsets[cid], sizes[cid]
-            rows = np.arange(s, s + size)
-            if size > n:
-                if key is None:
-                    raise ValueError(
-                        f"client {cid} has {size} examples > num_examples={n}: pass key= (e.g. "
-                        "fljax.random.stream(run_key, 'data')) to draw its subset from the run's seed"
-                    )
-                rng = fl_random.host_rng(key, int(cid))
-                rows = np.sort(rng.choice(rows, n, replace=False))
+            s, size = self.offsets[cid], self.sizes[cid]
+            pick = _subset(int(cid), int(size), n, key)
+            rows = np.arange(s, s + size) if pick is None else s + pick
             k = len(rows)
             x[slot, :k] = self.x[rows]
             y[slot, :k] = self.y[rows]
             mask[slot, :k] = True
-        valid = ids >= 0
-        if client_mask is not None:
-            valid = valid & np.asarray(client_mask, bool)
-        valid = valid & mask.any(axis=1)
-        return Cohort(
-            data=ClientData(x=x, y=y, mask=mask),
-            client_ids=np.where(ids >= 0, ids, -1).astype(np.int32),
-            client_mask=valid,
+        return _finish_cohort(ids, client_mask, x, y, mask)
+
+
+def _cohort_arrays(client_ids, sizes: np.ndarray, num_examples: int | None, x_like, y_like):
+    """Checked ``client_ids`` (int64), the padded size ``n`` and zero ``(x, y, mask)`` arrays of a
+    cohort: what :meth:`FederatedData.cohort` and the disk population's ``cohort`` fill."""
+    ids = np.asarray(client_ids, np.int64)
+    if ids.ndim != 1:
+        raise ValueError(f"client_ids must be 1-D, got shape {ids.shape}")
+    if np.any(ids >= len(sizes)) or np.any(ids < -1):
+        raise ValueError(f"client ids must lie in [-1, {len(sizes)}), got {ids.min()}..{ids.max()}")
+    n = int(sizes.max()) if num_examples is None else int(num_examples)
+    if n <= 0:
+        raise ValueError(f"num_examples must be positive, got {n}")
+    c = ids.shape[0]
+    x = np.zeros((c, n) + x_like.shape[1:], x_like.dtype)
+    y = np.zeros((c, n) + y_like.shape[1:], y_like.dtype)
+    return ids, n, (x, y, np.zeros((c, n), bool))
+
+
+def _subset(cid: int, size: int, n: int, key: jax.Array | None) -> np.ndarray | None:
+    """The sorted positions (within the client) a client larger than ``n`` keeps, drawn from
+    ``key`` and its id; None when it keeps all its examples."""
+    if size <= n:
+        return None
+    if key is None:
+        raise ValueError(
+            f"client {cid} has {size} examples > num_examples={n}: pass key= (e.g. "
+            "fljax.random.stream(run_key, 'data')) to draw its subset from the run's seed"
         )
+    return np.sort(fl_random.host_rng(key, cid).choice(np.arange(size), n, replace=False))
+
+
+def _finish_cohort(ids: np.ndarray, client_mask, x, y, mask) -> Cohort:
+    """The :class:`Cohort` of filled arrays: a slot is valid when it holds a client, the optional
+    ``client_mask`` allows it and it has at least one example."""
+    valid = ids >= 0
+    if client_mask is not None:
+        valid = valid & np.asarray(client_mask, bool)
+    valid = valid & mask.any(axis=1)
+    return Cohort(
+        data=ClientData(x=x, y=y, mask=mask),
+        client_ids=np.where(ids >= 0, ids, -1).astype(np.int32),
+        client_mask=valid,
+    )
 
 
 def to_device(cohort: Cohort, sharding: jax.sharding.Sharding | None = None) -> Cohort:
