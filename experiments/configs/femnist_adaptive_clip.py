@@ -33,28 +33,23 @@ and 8.1. With 21 writers a round the noise dominates; the paper's regime is m = 
 thousands of clients.
 """
 
-from fljax.experiment import DP, FEMNIST, Client, Cohort, Config, Model, Server
+import dataclasses
+import importlib.util
+import pathlib
+
+from fljax.experiment import Config
 
 
 def get_config() -> Config:
-    return Config(
+    spec = importlib.util.spec_from_file_location(
+        "femnist_private", pathlib.Path(__file__).with_name("femnist_private.py")
+    )
+    base = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(base)
+    fixed = base.get_config()  # same writers, model, local training, sampling, rounds
+    return dataclasses.replace(
+        fixed,
         name="femnist_adaptive_clip",
-        seed=0,
-        data=FEMNIST(),
-        model=Model(name="lenet"),
-        client=Client(learning_rate=0.1, batch_size=10, num_epochs=1, weighting="uniform"),
-        server=Server(algorithm="fedavg", learning_rate=1.0),
-        cohort=Cohort(sampling="poisson", q=0.2),
-        dp=DP(
-            clip_norm=0.5,
-            noise_multiplier=1.0,
-            sampling="poisson",
-            delta=1e-5,
-            target_quantile=0.5,
-            clip_learning_rate=0.2,
-            reproducible=True,
-        ),
-        rounds=50,
-        eval_every=10,
-        checkpoint_every=50,
+        # clip_norm is the starting clip; the quantile estimate moves it each round
+        dp=dataclasses.replace(fixed.dp, target_quantile=0.5, clip_learning_rate=0.2),
     )
