@@ -64,7 +64,7 @@ class Cell:
 CELLS = [
     Cell("2nn", "iid", 1, 10, 87, 300),
     Cell("2nn", "shards", 1, 10, 664, 700),
-    Cell("cnn", "iid", 5, 10, 20, 10),
+    Cell("cnn", "iid", 5, 10, 20, 30),
     Cell("cnn", "shards", 5, 10, 229, 20),
     Cell("cnn", "iid", 1, 10, 34, 100),
     Cell("cnn", "shards", 1, 10, 350, 100),
