@@ -107,6 +107,19 @@ def build(path: pathlib.Path, args) -> disk.DiskPopulation:
     return disk.DiskPopulation.open(path)
 
 
+def _timed_rounds(algo, state, rounds, run_key):
+    """Runs ``algo.update`` on each round's cohorts (rounds numbered from 1); returns the final
+    state and metrics, each round's seconds, and the loop's wall and process CPU seconds."""
+    times, metrics = [], None
+    t_all, cpu_all = time.perf_counter(), time.process_time()
+    for r, cohorts in enumerate(rounds, start=1):
+        t = time.perf_counter()
+        state, metrics = algo.update(state, cohorts, fl_random.round_key(run_key, r))
+        jax.block_until_ready(state.params)
+        times.append(time.perf_counter() - t)
+    return state, metrics, times, time.perf_counter() - t_all, time.process_time() - cpu_all
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -184,14 +197,8 @@ def run(path: pathlib.Path, args) -> None:
     jax.block_until_ready(state.params)
     compile_sec = time.perf_counter() - t0
 
-    times = []
-    t_all, cpu_all = time.perf_counter(), time.process_time()
-    for r, cohorts in enumerate(prefetch.prefetch(make, range(1, args.rounds + 1)), start=1):
-        t = time.perf_counter()
-        state, metrics = algo.update(state, cohorts, fl_random.round_key(run_key, r))
-        jax.block_until_ready(state.params)
-        times.append(time.perf_counter() - t)
-    wall, cpu = time.perf_counter() - t_all, time.process_time() - cpu_all
+    rounds = prefetch.prefetch(make, range(1, args.rounds + 1))
+    state, metrics, times, wall, cpu = _timed_rounds(algo, state, rounds, run_key)
     emit(
         mode="disk",
         num_clients=pop.num_clients,
@@ -212,15 +219,7 @@ def run(path: pathlib.Path, args) -> None:
 
     # the same rounds with their cohorts gathered into memory first: what the disk costs
     held = [jax.device_put(make(r)) for r in range(1, args.rounds + 1)]
-    state = algo.init(params)
-    times = []
-    t_all, cpu_all = time.perf_counter(), time.process_time()
-    for r, cohorts in enumerate(held, start=1):
-        t = time.perf_counter()
-        state, metrics = algo.update(state, cohorts, fl_random.round_key(run_key, r))
-        jax.block_until_ready(state.params)
-        times.append(time.perf_counter() - t)
-    wall_memory, cpu_memory = time.perf_counter() - t_all, time.process_time() - cpu_all
+    _, _, times, wall_memory, cpu_memory = _timed_rounds(algo, algo.init(params), held, run_key)
     emit(
         mode="in_memory",
         num_clients=pop.num_clients,
