@@ -489,7 +489,7 @@ def main(argv=None) -> int:
             cohort = jax.device_put(
                 cohort, jax.sharding.NamedSharding(args.mesh, jax.sharding.PartitionSpec("clients"))
             )
-        torch_sec = None if args.quick else bench_torch(args, cohort, cohort_size)
+        torch_sec = bench_torch(args, cohort, cohort_size)
         for formulation in args.formulations.split(","):
             res = bench_fljax(
                 args,

@@ -41,7 +41,7 @@ if [[ $dry_run == 1 ]]; then
   fi
   export JAX_PLATFORMS=cpu
   budget_sec=60
-  round_args=(--cohorts 2 --rounds 1 --variants plain --central-batch 32 --central-steps 1)
+  round_args=(--quick)  # cohort 2 of 16x16 images, every variant, one round
   data_args=(--quick --cohorts 16 --rounds 1 --num-buckets 2)
 else
   venv="${GPU_VENV:-.venv-gpu}"

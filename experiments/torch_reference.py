@@ -30,14 +30,16 @@ def available() -> bool:
     return torch is not None
 
 
-def _lenet():
+def _lenet(image: int = 32):
+    side = ((image - 4) // 2 - 4) // 2  # two 5x5 valid convolutions, each followed by a 2x2 pool
+
     class LeNet(nn.Module):
         def __init__(self):
             super().__init__()
             self.conv1 = nn.Conv2d(3, 6, 5)
             self.pool = nn.MaxPool2d(2, 2)
             self.conv2 = nn.Conv2d(6, 16, 5)
-            self.fc1 = nn.Linear(16 * 5 * 5, 120)
+            self.fc1 = nn.Linear(16 * side * side, 120)
             self.fc2 = nn.Linear(120, 84)
             self.fc3 = nn.Linear(84, 10)
 
@@ -65,7 +67,7 @@ def round_seconds(x: np.ndarray, y: np.ndarray, rounds: int, batch_size: int = 3
     xs = torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 1, 4, 2, 3))))  # NCHW
     ys = torch.from_numpy(y.astype(np.int64))
     num_clients, n = ys.shape
-    model = _lenet()
+    model = _lenet(x.shape[2])
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     loss_fn = nn.CrossEntropyLoss()
 

@@ -1,9 +1,6 @@
 """Fast layers and the fast round: equal to XLA's operations and to the plain round."""
 
 import functools
-import importlib.util
-import json
-import pathlib
 
 import chex
 import flax.linen as nn
@@ -473,23 +470,6 @@ def test_clients_spread_over_devices_equal_one_device():
     close(round_result(cohort, chunk_size=1, mesh=simulation.client_mesh(jax.devices()[:2])), want)
     with pytest.raises(ValueError, match="divide over 3 devices"):
         round_result(cohort, mesh=simulation.client_mesh(jax.devices()[:3]))
-
-
-def test_bench_round_quick(capsys):
-    spec = importlib.util.spec_from_file_location(
-        "bench_round", pathlib.Path(__file__).parent.parent / "experiments" / "bench_round.py"
-    )
-    bench_round = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_round)
-    assert bench_round.main(["--quick"]) == 0
-    lines = [json.loads(s) for s in capsys.readouterr().out.splitlines() if s.startswith("{")]
-    systems = {(r["system"], r.get("variant")) for r in lines}
-    assert (
-        ("fljax", "plain") in systems and ("hw_bound", None) in systems and ("matmul_peak", None) in systems
-    )
-    for r in lines:
-        if r["system"] == "fljax" and "skipped" not in r:
-            assert r["sec_per_round"] > 0 and r["examples_per_sec"] > 0 and r["bench"] == "seed_cifar"
 
 
 class FastTinyCNN(nn.Module):

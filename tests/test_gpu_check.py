@@ -1,5 +1,9 @@
 """``experiments/gpu_check.sh --dry-run``: the GPU check's sequence on CPU at tiny sizes.
 
+It is also the smoke test of both benchmarks it runs: ``bench_round.py --quick`` (every variant
+at cohort 2) and ``bench_data.py --quick`` (a sampled cohort of 16, then the quick population
+as one jitted round).
+
 PyTorch is in the ``bench`` extra, not the ``test`` extra: without it the benchmark prints a
 ``skipped`` line for the PyTorch loop; every other line is checked, then the test is skipped.
 """
@@ -16,7 +20,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow  # about 80 CPU seconds: compiling the LeNet round and the many_small buckets
+@pytest.mark.slow  # about 70 CPU seconds: compiling every LeNet round variant and the buckets
 def test_gpu_check_dry_run_prints_every_stage():
     env = dict(os.environ, PYTHON=sys.executable)
     env.pop("XLA_FLAGS", None)  # one CPU device, as on a GPU machine's host
@@ -32,14 +36,23 @@ def test_gpu_check_dry_run_prints_every_stage():
     assert done["stage"] == "done" and done["budget_sec"] == 60 and done["elapsed_sec"] >= 0
     seed = [line for line in lines if line["bench"] == "seed_cifar"]
     fljax = [line for line in seed if line.get("system") == "fljax"]
-    assert [(line["cohort"], line["variant"]) for line in fljax] == [(2, "plain")]
-    assert fljax[0]["sec_per_round"] > 0 and fljax[0]["examples_per_sec"] > 0
+    variants = ["plain", "dp", "secagg", "dp_secagg", "ddp", "dp_ftrl"]
+    assert [(line["cohort"], line["variant"]) for line in fljax] == [(2, v) for v in variants]
+    for line in fljax:
+        assert "skipped" not in line, line
+        assert line["sec_per_round"] > 0 and line["examples_per_sec"] > 0
+    assert {line["system"] for line in seed} >= {"matmul_peak", "central", "hw_bound"}
     (bound,) = [line for line in seed if line.get("system") == "hw_bound"]
     assert bound["cohort"] == 2 and bound["sec_per_round"] > 0
     (torch_line,) = [line for line in seed if line.get("system") == "pytorch_loop"]
     many = [line for line in lines if line["bench"] == "many_small"]
     assert [line["cohort"] for line in many] == [16, 300]
-    assert all(line["client_updates_per_sec"] > 0 for line in many)
+    assert many[-1]["mode"] == "one_jit"
+    for line in many:
+        assert line["client_updates_per_sec"] > 0
+        for field in ("padding_fraction", "naive_padding_fraction", "client_updates_per_sec", "peak_rss_mb"):
+            assert isinstance(line[field], float)
+        assert 0.0 <= line["padding_fraction"] < line["naive_padding_fraction"] < 1.0
     if importlib.util.find_spec("torch") is None:
         assert torch_line["skipped"] == "torch not installed"
         pytest.skip("torch is not installed (the 'bench' extra, not the 'test' extra): PyTorch loop skipped")
