@@ -235,7 +235,7 @@ def bench_fljax(
             num_epochs=1,
             loss_fn=losses.softmax_cross_entropy,
         )
-        mesh = args.mesh if args.mesh is not None and cohort_size % jax.device_count() == 0 else None
+        mesh = args.mesh
         perf = Performance(
             chunk_size=args.chunk_size, mesh=mesh, unroll=args.unroll, **FORMULATIONS[formulation]
         )
@@ -280,7 +280,6 @@ def bench_fljax(
     results = {}
     for variant, run in runs.items():
         times, cpu, mesh = run["times"], run["cpu"], run["mesh"]
-        per_device = cohort_size // (jax.device_count() if mesh is not None else 1)
         sec = statistics.median(times)
         algorithm = variant.removeprefix("algorithm:") if variant.startswith("algorithm:") else "fedavg"
         fields = dict(
@@ -300,14 +299,14 @@ def bench_fljax(
             chunk_used=(
                 simulation.auto_chunk_size(
                     lambda d, k, update=run["update"]: update(params, d, k),
-                    jax.tree.map(lambda a, m=per_device: a[:m], cohort.data),
-                    jax.random.split(jax.random.key(0), per_device),
+                    cohort.data,
+                    jax.random.split(jax.random.key(0), cohort_size),
                 )
                 if args.chunk_size == "auto"
                 else args.chunk_size
             ),
             unroll=args.unroll,
-            devices=jax.device_count() if mesh is not None else 1,
+            devices=1 if mesh is None else mesh.size,
         )
         if torch_sec is not None:
             fields["speedup_vs_pytorch"] = round(torch_sec / sec, 3)
@@ -417,18 +416,26 @@ def main(argv=None) -> int:
     parser.add_argument("--no-central", action="store_true", help="skip the hw_bound measurement")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch loop reference")
     parser.add_argument(
-        "--shard",
-        action="store_true",
-        help="spread the clients over all devices (fedavg(mesh=...), shard_map; CPU: set "
-        "XLA_FLAGS=--xla_force_host_platform_device_count=<cores> to get one device per core)",
+        "--devices",
+        default="auto",
+        help="devices the clients are spread over, as the trainer's Config.devices: 'auto' (the "
+        "default: one CPU device per core, bit for bit the one-device round) or a count; 1: one device",
     )
+    parser.add_argument("--shard", action="store_true", help="the same as --devices auto (older commands)")
     args = parser.parse_args(argv)
+    if args.devices == "auto":
+        from fljax.experiment.cli import one_device_per_core
+
+        one_device_per_core()  # before jax starts; keeps a count set in XLA_FLAGS
+    from fljax.experiment.trainer import round_devices
+
+    devices = round_devices("auto" if args.devices == "auto" else int(args.devices))
     if args.algorithms == "all":
         from fljax.experiment.config import ALGORITHMS
 
         args.algorithms = ",".join(ALGORITHMS)
     args.algorithms = [a for a in args.algorithms.split(",") if a]
-    args.mesh = simulation.client_mesh() if args.shard and jax.device_count() > 1 else None
+    args.mesh = simulation.client_mesh(jax.devices()[:devices]) if devices > 1 else None
     args.chunk_size = (
         None
         if args.chunk_size in ("0", "none")
@@ -485,10 +492,6 @@ def main(argv=None) -> int:
 
     for cohort_size in cohorts:
         cohort = make_cohort(cohort_size, num_examples, image)
-        if args.mesh is not None and cohort_size % jax.device_count() == 0:
-            cohort = jax.device_put(
-                cohort, jax.sharding.NamedSharding(args.mesh, jax.sharding.PartitionSpec("clients"))
-            )
         torch_sec = bench_torch(args, cohort, cohort_size)
         for formulation in args.formulations.split(","):
             res = bench_fljax(

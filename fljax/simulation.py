@@ -179,6 +179,40 @@ def shard_clients(
     )(shared, *args)
 
 
+def _shard_like_one_device(fn: Callable, mesh: jax.sharding.Mesh, shared, args, chunk_size: ChunkSize):
+    """:func:`shard_clients` computing each client bit for bit as on one device (CPU).
+
+    A client's bits depend on the width of the vmapped chunk it runs in (XLA:CPU picks kernels
+    by shape), not on the device. So the chunk size is the one-device choice for the WHOLE
+    cohort (``"auto"``: :func:`auto_chunk_size` of ``n`` clients), the cohort is padded with
+    copies of slot 0 to a multiple of ``chunk * devices`` (every device runs whole chunks, the
+    same chunks as one device), and the outputs are cut back to ``n`` and replicated, so what
+    follows (aggregation, the server step) runs on the same arrays as on one device. When the
+    cohort fits in one vmap: under ``"auto"`` it runs on one device (exact; such rounds are too
+    small to gain from splitting), with ``chunk_size=None`` the devices split it. On GPU/TPU
+    (no chunks, and replicating every client's output would cost memory) the devices always
+    split the cohort: equal up to float reassociation.
+    """
+    if jax.default_backend() != "cpu":  # no chunks there; replicating every output costs memory
+        return shard_clients(fn, mesh, shared, *args, chunk_size=chunk_size)
+    n = jax.tree.leaves(args)[0].shape[0]
+    devices = mesh.shape["clients"]
+    chunk = auto_chunk_size(lambda *a: fn(shared, *a), *args) if chunk_size == "auto" else chunk_size
+    if chunk is None or chunk >= n:
+        if chunk_size == "auto":
+            # The whole cohort's working set fits in cache: one device is exact, and faster
+            # (measured: the heart-disease MLP round 0.003 s on one device, 0.08 s on two).
+            return map_clients(lambda *a: fn(shared, *a), *args, chunk_size=None)
+        return shard_clients(fn, mesh, shared, *args, chunk_size=None)
+    pad = -n % (chunk * devices)
+    if pad:
+        index = jnp.concatenate([jnp.arange(n), jnp.zeros(pad, jnp.int32)])
+        args = jax.tree.map(lambda a: a[index], args)
+    out = shard_clients(fn, mesh, shared, *args, chunk_size=chunk)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a[:n], replicated), out)
+
+
 def client_mesh(devices=None, axis: str = "clients") -> jax.sharding.Mesh:
     """A one-axis mesh over ``devices`` (default: all) for :func:`shard_clients`."""
     return jax.sharding.Mesh(np.array(jax.devices() if devices is None else devices), (axis,))
@@ -231,7 +265,7 @@ def run_clients(
     if perf.mesh is None:
         states, out = map_clients(lambda *a: fn(params, *a), *args, chunk_size=perf.chunk_size)
     else:
-        states, out = shard_clients(fn, perf.mesh, params, *args, chunk_size=perf.chunk_size)
+        states, out = _shard_like_one_device(fn, perf.mesh, params, args, perf.chunk_size)
     weight = jnp.where(cohort.client_mask, out.weight, 0.0).astype(jnp.float32)
     if stateful:
         keep = lambda new, old: jnp.where(cohort.client_mask.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)

@@ -468,8 +468,21 @@ def test_clients_spread_over_devices_equal_one_device():
     want = round_result(cohort)
     close(round_result(cohort, mesh=simulation.client_mesh(jax.devices()[:4])), want)
     close(round_result(cohort, chunk_size=1, mesh=simulation.client_mesh(jax.devices()[:2])), want)
+    # With chunks on CPU every client runs in the same chunk width as on one device and the
+    # outputs are aggregated replicated: bit for bit the one-device round, also over 3 devices
+    # (4 clients in chunks of 2 padded to 6 slots). Direct shard_clients still refuses.
+    for devices, chunk in ((2, 1), (3, 2), (4, 2)):
+        mesh = simulation.client_mesh(jax.devices()[:devices])
+        sharded, one = (
+            round_result(cohort, chunk_size=chunk, mesh=mesh),
+            round_result(cohort, chunk_size=chunk),
+        )
+        chex.assert_trees_all_equal(sharded[0], one[0])  # the model; reported metrics: close
+        close(sharded[1], one[1])
     with pytest.raises(ValueError, match="divide over 3 devices"):
-        round_result(cohort, mesh=simulation.client_mesh(jax.devices()[:3]))
+        simulation.shard_clients(
+            lambda p, d: d, simulation.client_mesh(jax.devices()[:3]), 0, jnp.zeros((4, 2))
+        )
 
 
 class FastTinyCNN(nn.Module):

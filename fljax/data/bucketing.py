@@ -28,6 +28,21 @@ Capping local steps, as TFF and FedJAX do, is the ``max_steps`` argument (it
 also caps the padded length; larger clients keep a fixed random subset, see
 :meth:`FederatedData.cohort`).
 
+Random cohorts in a bounded set of shapes: :func:`gather` puts each cohort
+client in the shortest bucket that holds it and pads each bucket's client
+count up to a rung of :func:`count_capacities` (a geometric ladder, ratio at
+most ``growth``). ``algo.update(state, tuple(gather(...)), key)``, called
+without an outer ``jax.jit``, runs each bucket as one jitted call (a
+``lax.map`` over chunks of clients), so the round compiles at most
+``len(plan.lengths) * len(capacities)`` client-computation shapes whatever
+the cohorts (:func:`max_shapes`), plus, for aggregators other than the
+default streaming mean, one aggregation shape per distinct padded total
+(:func:`capacity` of the summed bucket capacities). Wrapping the whole round
+in one ``jax.jit`` instead compiles one program per combination of the
+buckets' counts, a number that grows as a product over the buckets.
+:func:`heavy_tailed` says when a population pays for buckets (the trainer's
+default for such populations).
+
 Examples:
   Six clients of 1 to 12 examples in two buckets, padded to 4 and 12 examples:
 
@@ -66,6 +81,7 @@ import jax
 import numpy as np
 
 from fljax.base import Cohort
+from fljax.data import sampling
 from fljax.data.federated import FederatedData
 
 
@@ -254,6 +270,132 @@ def naive_padding_fraction(
     return float(1.0 - real / (len(sizes) * num_steps(max_size, batch_size, max_steps)))
 
 
+HEAVY_TAIL_RATIO = 4.0
+"""A population is heavy-tailed when its largest client needs at least this many times the
+local steps of its median client (:func:`heavy_tailed`)."""
+
+
+def heavy_tailed(
+    sizes: np.ndarray, batch_size: int, max_steps: int | None = None, ratio: float = HEAVY_TAIL_RATIO
+) -> bool:
+    """Whether padding every client to the largest wastes most of a round.
+
+    Heavy-tailed means ``max(steps) >= ratio * median(steps)``, with ``steps``
+    each client's local steps per epoch (:func:`num_steps`, capped at
+    ``max_steps``). At the default ratio 4, a cohort of median clients padded
+    to the largest computes at least 75% padding steps.
+
+    Examples:
+      >>> heavy_tailed(np.array([10, 20, 20, 30, 400]), batch_size=10)
+      True
+      >>> heavy_tailed(np.array([10, 20, 20, 30, 400]), batch_size=10, max_steps=5)
+      False
+    """
+    if batch_size <= 0 or not ratio > 0:
+        raise ValueError(f"batch_size and ratio must be positive, got {batch_size}, {ratio}")
+    steps = num_steps(np.maximum(np.asarray(sizes), 1), batch_size, max_steps)
+    return bool(steps.max() >= ratio * np.median(steps))
+
+
+def count_capacities(
+    max_clients: int, *, chunk_size: int | None = None, multiple: int = 1, growth: float = 1.3
+) -> tuple[int, ...]:
+    """Client counts a bucket is padded to.
+
+    :func:`fljax.data.sampling.geometric_ladder` from 1 to ``max_clients``,
+    each count rounded up to a multiple of ``multiple`` (e.g. the devices the
+    clients are spread over) and, above ``chunk_size``, to a multiple of
+    ``chunk_size`` (so the bucket runs in whole chunks; ``chunk_size`` is then
+    a multiple of ``multiple``).
+
+    Examples:
+      >>> count_capacities(40)
+      (1, 2, 3, 4, 5, 6, 7, 9, 11, 14, 18, 23, 29, 37, 40)
+      >>> count_capacities(40, chunk_size=8)
+      (1, 2, 3, 4, 5, 6, 7, 8, 16, 24, 32, 40)
+      >>> count_capacities(40, chunk_size=16, multiple=2)
+      (2, 4, 6, 8, 10, 12, 14, 16, 32, 48)
+    """
+    if max_clients < 1 or multiple < 1:
+        raise ValueError(f"max_clients and multiple must be positive, got {max_clients}, {multiple}")
+    if chunk_size is not None and (chunk_size < 1 or chunk_size % multiple):
+        raise ValueError(f"chunk_size must be a positive multiple of {multiple}, got {chunk_size}")
+    up = lambda v, m: -(-v // m) * m
+    ladder = sampling.geometric_ladder(1, int(max_clients), growth)
+    if chunk_size is not None and chunk_size < max_clients:
+        ladder = (*ladder, chunk_size)
+    out = {
+        up(v, chunk_size) if chunk_size is not None and v > chunk_size else up(v, multiple) for v in ladder
+    }
+    return tuple(sorted(out))
+
+
+def max_shapes(p: Plan, capacities: Sequence[int]) -> int:
+    """The most ``[clients, length]`` bucket shapes that :func:`gather` ever produces:
+    ``len(p.lengths) * len(capacities)``, the bound on a bucketed round's client compiles."""
+    return len(p.lengths) * len(capacities)
+
+
+def gather(
+    data: FederatedData,
+    client_ids: np.ndarray,
+    client_mask: np.ndarray | None,
+    p: Plan,
+    *,
+    capacities: Sequence[int],
+    max_steps: int | None = None,
+    key=None,
+) -> list[Cohort]:
+    """A cohort as one :class:`Cohort` per bucket length, each padded to a capacity (host numpy).
+
+    Each client goes to the shortest bucket length that holds its steps; each
+    bucket's client count ``n`` is padded with ``-1`` slots to the smallest of
+    ``capacities`` that is ``>= n``. Buckets without clients are left out.
+    Every cohort therefore has a shape among the :func:`max_shapes` ones. The
+    round over these buckets equals the round over the cohort padded to the
+    population's largest client (padding slots and examples contribute zero).
+
+    Args:
+      data: the population.
+      client_ids: ``[cohort]`` ids from a sampler (``-1`` = padding slot).
+      client_mask: optional ``[cohort]`` bool from the sampler.
+      p: the :class:`Plan`.
+      capacities: ascending client counts (:func:`count_capacities`); the
+        largest must hold every bucket.
+      max_steps: the local step cap (also caps the padded length, see :func:`split`).
+      key: typed key for subsampling clients longer than the cap.
+
+    Returns:
+      ``[Cohort]``, shortest length first, each ``[capacity, length]``.
+    """
+    ladder = tuple(int(c) for c in capacities)
+    if not ladder or ladder[0] < 1 or any(b <= a for a, b in zip(ladder, ladder[1:], strict=False)):
+        raise ValueError(f"capacities must be positive and strictly increasing, got {capacities}")
+    ids = np.asarray(client_ids, np.int64)
+    if client_mask is not None:
+        ids = np.where(np.asarray(client_mask, bool), ids, -1)
+    sizes = np.where(ids >= 0, data.sizes[np.maximum(ids, 0)], 0)
+    out = []
+    for length, members in assign(sizes, ids, p, slots=1, max_steps=max_steps):
+        members = members[members >= 0]
+        if not members.size:
+            continue
+        if out and out[-1][0] == length:
+            out[-1][1].append(members)
+        else:
+            out.append((length, [members]))
+    cohorts = []
+    for length, parts in out:
+        members = np.concatenate(parts)
+        i = int(np.searchsorted(ladder, members.size))
+        if i == len(ladder):
+            raise ValueError(f"a bucket of {members.size} clients exceeds the largest capacity {ladder[-1]}")
+        padded = np.full(ladder[i], -1, np.int64)
+        padded[: members.size] = np.sort(members)
+        cohorts.append(data.cohort(padded, num_examples=length, key=key))
+    return cohorts
+
+
 def merge(cohorts: Sequence[Cohort]) -> list[Cohort]:
     """Concatenate the calls of :func:`split` that share a padded length: one
     :class:`Cohort` per bucket length, shortest first.
@@ -263,9 +405,9 @@ def merge(cohorts: Sequence[Cohort]) -> list[Cohort]:
     ``jax.jit(algo.update)(state, merge(cohorts), key)`` is the whole round as
     ONE jitted computation (a ``lax.map`` over chunks per bucket length). Its
     shapes depend on how many clients fall in each bucket, so it compiles
-    again when that changes (e.g. every round with random cohorts); use the
-    per-call ``algo.update`` there, which compiles each ``[slots, length]``
-    shape once.
+    again when that changes (e.g. every round with random cohorts); there,
+    use :func:`gather` with ``algo.update`` outside ``jax.jit`` (a bounded
+    set of shapes, :func:`max_shapes`).
     """
     if not cohorts:
         raise ValueError("no bucket cohorts to merge")

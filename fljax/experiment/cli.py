@@ -17,8 +17,11 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib.util
+import os
 import pathlib
 import sys
+
+import jax
 
 from fljax.experiment import config as cfg
 from fljax.experiment import trainer
@@ -90,9 +93,26 @@ def summaries(configs_dir: pathlib.Path | None) -> str:
     return "\n".join(lines)
 
 
+def one_device_per_core() -> int:
+    """Start jax with one CPU device per core unless a count was chosen or jax has started.
+
+    The trainer's ``devices="auto"`` then spreads each round's clients over them
+    (:func:`fljax.experiment.trainer.round_devices`). Returns jax's CPU device count setting
+    (-1: jax's own default, one device)."""
+    chosen = "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+    if not chosen and jax.config.jax_num_cpu_devices == -1:
+        try:
+            jax.config.update("jax_num_cpu_devices", os.cpu_count() or 1)
+        except RuntimeError:  # jax already runs (e.g. in a notebook): keep its devices
+            pass
+    return jax.config.jax_num_cpu_devices
+
+
 def main(argv=None, *, configs_dir: pathlib.Path | None = None, runs_dir: pathlib.Path | None = None) -> dict:
     """The command line; returns the run's summary. Exit code 2 and one line on stderr for a
-    bad config, override, argument or output folder."""
+    bad config, override, argument or output folder. Starts jax with one CPU device per core
+    (:func:`one_device_per_core`)."""
+    one_device_per_core()
     try:
         return _main(argv, configs_dir, runs_dir)
     except ConfigError as e:

@@ -314,6 +314,19 @@ class Cohort:
     max_size: int | None = field(None, COUNT)
 
 
+@dataclasses.dataclass(frozen=True)
+class Deploy:
+    """Run the experiment as a local Flower deployment (:mod:`fljax.deploy.local`) instead of a
+    simulation: a SuperLink and one SuperNode per client on this machine (TLS, 127.0.0.1), the
+    same algorithm, client update and seeds; the server holds no data. ``secure``: the secure
+    sum over the network, by the masking protocol (``"secagg"``) or CKKS (``"he"``), both with
+    ``secagg``'s encoding (default ``SecAgg()``). ``timeout``: seconds the server waits for
+    one message round before it drops the nodes that have not answered."""
+
+    secure: Literal["none", "secagg", "he"] = "none"
+    timeout: float = field(60.0, POSITIVE)
+
+
 TRAINER_PRIVACY_FIELDS = ("budget_epsilon", "reproducible", "release_unnoised_metrics")
 
 
@@ -409,6 +422,10 @@ def _chunk(v) -> str | None:
     )
 
 
+def _devices(v) -> str | None:
+    return None if v == "auto" or (_is_int(v) and v >= 1) else "expected 'auto' or an integer >= 1"
+
+
 def _metric_names(v) -> str | None:
     from fljax.evaluation import CLASSIFICATION_METRICS
 
@@ -456,6 +473,22 @@ class Config:
         0.1, _check(lambda v: _is_number(v) and 0 <= v < 0.5, "expected a number in [0, 0.5)")
     )
     chunk_size: int | Literal["auto"] | None = field("auto", _chunk)
+    cohort_layout: Literal["padded", "compact"] = field(
+        "padded",
+        _check(lambda v: v in ("padded", "compact"), "expected 'padded' or 'compact'"),
+        doc="'compact': Poisson draws padded only to a capacity ladder (<= 1.3x the sampled "
+        "clients computed) and heavy-tailed populations in size buckets (fljax.experiment."
+        "trainer.cohort_layout); the same clients and accounting, results equal up to float "
+        "reassociation, a few more compiled shapes. 'padded': one Chernoff capacity, one shape",
+    )
+    devices: int | Literal["auto"] = field(
+        "auto",
+        _devices,
+        doc="devices the cohort's clients are spread over (fljax.simulation.shard_clients): 'auto' "
+        "= every device of the default backend, on CPU at most one per core (the command line "
+        "starts jax with one CPU device per core); 1: one device. Cohorts are padded with masked "
+        "slots to a multiple of it. Results equal up to float reassociation",
+    )
     dp: DP | None = None  # type: ignore[valid-type]
     distributed_dp: DistributedDP | None = None  # type: ignore[valid-type]
     dp_ftrl: DPFTRL | None = None  # type: ignore[valid-type]
@@ -467,6 +500,11 @@ class Config:
         "for bit as the simulation; for small models",
     )
     audit: Audit | None = None
+    deploy: Deploy | None = field(
+        None,
+        doc="run on a local Flower deployment (fljax.deploy.local: SuperLink, one SuperNode per "
+        "client, TLS) instead of simulating; the same results (docs/deploy.md)",
+    )
 
 
 # ----------------------------------------------------------------------------- typed values

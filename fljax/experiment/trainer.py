@@ -47,7 +47,17 @@ import jax
 import numpy as np
 import optax
 
-from fljax import aggregators, checkpoint, client, evaluation, models, personalization, privacy, secagg
+from fljax import (
+    aggregators,
+    checkpoint,
+    client,
+    evaluation,
+    models,
+    personalization,
+    privacy,
+    secagg,
+    simulation,
+)
 from fljax import random as fl_random
 from fljax.algorithms import (
     fedavg,
@@ -62,7 +72,7 @@ from fljax.algorithms import (
     scaffold,
 )
 from fljax.base import Performance
-from fljax.data import ClientStates, FederatedData, sampling
+from fljax.data import ClientStates, FederatedData, bucketing, sampling
 from fljax.experiment import config as cfg
 from fljax.experiment import data as data_lib
 from fljax.experiment import outputs
@@ -103,27 +113,29 @@ def build_optimizer(c: cfg.Client) -> optax.GradientTransformation:
     return optax.sgd(c.learning_rate, momentum=c.momentum or None)
 
 
-def build_aggregator(config: Config, dp_config=None, audit=None):
+def build_aggregator(config: Config, dp_config=None, audit=None, remote=None):
     """The round's aggregator, or None for the algorithm's own (example-weighted mean for the
     FedAvg family, uniform mean for SCAFFOLD). With both ``dp`` and ``secagg``, DP runs over the
     secure sum (its weights are in [0, 1]: keep the secagg ``max_weight`` at 1, the default).
     The secure sum is :func:`fljax.secagg.secure_sum` (masking simulated in jit) or, with
     ``secagg_protocol``, :func:`fljax.secagg.protocol_sum` (the real protocol on the host, the
     same sum bit for bit).
-    ``audit``: ``(AuditConfig, key)``: the privacy mechanism with the audit's canary clients."""
-    agg = _aggregator(config, dp_config)
+    ``audit``: ``(AuditConfig, key)``: the privacy mechanism with the audit's canary clients.
+    ``remote``: a deployment's clients (:class:`fljax.deploy.server.RemoteClients`), whose
+    ``secure_sum(secagg_config)`` replaces the secure sum (computed over the network)."""
+    agg = _aggregator(config, dp_config, remote)
     if audit is not None:
         agg = audit_lib.with_canaries(agg, *audit)
     return agg
 
 
-def _aggregator(config: Config, dp_config=None):
+def _aggregator(config: Config, dp_config=None, remote=None):
     if isinstance(dp_config, privacy.DistributedDPConfig):  # its own masked modular sum
         return privacy.distributed_dp(dp_config, masking=config.secagg or privacy.distributed.DEFAULT_MASKING)
     secure = None
     if config.secagg is not None:
         sum_ = secagg.protocol_sum if config.secagg_protocol else secagg.secure_sum
-        secure = sum_(config.secagg)
+        secure = (sum_ if remote is None else remote.secure_sum)(config.secagg)
     if isinstance(dp_config, privacy.MFConfig):
         return privacy.dp_ftrl(dp_config, sum=secure)
     if dp_config is not None:
@@ -163,35 +175,84 @@ def build_client_states(config: Config, model, params, num_clients: int) -> Clie
     return ClientStates(stateful(config, model).init(params), num_clients)
 
 
-def build_algorithm(config: Config, model, dp_config=None, num_clients: int = 0, audit=None):
-    """The :class:`~fljax.base.FederatedAlgorithm` of the config's client and server sections."""
+def round_devices(devices) -> int:
+    """How many devices a round spreads its clients over for the config value ``devices``.
+
+    ``"auto"``: every device of jax's default backend, on CPU at most one per core
+    (``os.cpu_count()``; :func:`fljax.experiment.cli.main` starts jax with one CPU device per
+    core, measured 1.3-1.4x faster than one device on the LeNet round, docs/performance.md).
+
+    Raises:
+      ConfigError: more devices asked for than jax sees.
+    """
+    available = jax.device_count()
+    if devices == "auto":
+        cores = os.cpu_count() or 1
+        return min(available, cores) if jax.default_backend() == "cpu" else available
+    if devices > available:
+        raise cfg.bad(
+            "devices",
+            devices,
+            f"jax sees {available} {jax.default_backend()} device(s); on CPU start jax with more "
+            "(jax.config.update('jax_num_cpu_devices', n) before first use, or the command line, "
+            "which gives one per core)",
+        )
+    return int(devices)
+
+
+def device_mesh(config: Config):
+    """The clients mesh of a round (None: one device), see :func:`round_devices`."""
+    n = round_devices(config.devices)
+    return None if n == 1 else simulation.client_mesh(jax.devices()[:n])
+
+
+def pad_slots(ids: np.ndarray, mask: np.ndarray, multiple: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, mask)`` padded with masked ``-1`` slots to a multiple of ``multiple`` (devices).
+
+    Masked slots train nothing and weigh 0, so padding changes no result (tested)."""
+    extra = -len(ids) % multiple
+    if not extra:
+        return ids, mask
+    ids = np.concatenate([np.asarray(ids, np.int32), np.full(extra, -1, np.int32)])
+    return ids, np.concatenate([np.asarray(mask, bool), np.zeros(extra, bool)])
+
+
+def build_algorithm(config: Config, model, dp_config=None, num_clients: int = 0, audit=None, remote=None):
+    """The :class:`~fljax.base.FederatedAlgorithm` of the config's client and server sections.
+
+    ``remote``: a deployment's clients (:class:`fljax.deploy.server.RemoteClients`):
+    ``remote.client(update)`` stands in for each stateless client update (run on the nodes),
+    ``remote.secure_sum`` for the secure sum; the server side is this same algorithm."""
     c, s = config.client, config.server
-    agg = build_aggregator(config, dp_config, audit)
-    perf = Performance(chunk_size=config.chunk_size)
+    agg = build_aggregator(config, dp_config, audit, remote)
+    wrap = (lambda u: u) if remote is None else remote.client
+    perf = Performance(chunk_size=config.chunk_size, mesh=device_mesh(config))
     name, lr = s.algorithm, s.learning_rate
     if name == "fedsgd":
-        update = fedsgd.gradient_client(model, weighting=c.weighting)
+        update = wrap(fedsgd.gradient_client(model, weighting=c.weighting))
         return fedsgd.fedsgd(update, learning_rate=lr, aggregator=agg).with_performance(perf)
     opt, options = build_optimizer(c), _local_options(c)
-    local = lambda: client.local_sgd(model, opt, **options)
+    local = lambda: wrap(client.local_sgd(model, opt, **options))
     if name == "fedprox":
-        update = fedprox.proximal_client(model, opt, mu=s.mu, **options)
+        update = wrap(fedprox.proximal_client(model, opt, mu=s.mu, **options))
         algo = fedprox.fedprox(update, server_learning_rate=lr, aggregator=agg)
     elif name == "fedavg":
         algo = fedavg.fedavg(local(), server_learning_rate=lr, aggregator=agg)
     elif name == "fedavgm":
         algo = fedavgm.fedavgm(local(), server_learning_rate=lr, server_momentum=s.momentum, aggregator=agg)
     elif name == "fednova":
-        update = fednova.fednova_client(model, c.learning_rate, momentum=c.momentum or 0.0, **options)
+        update = wrap(fednova.fednova_client(model, c.learning_rate, momentum=c.momentum or 0.0, **options))
         algo = fednova.fednova(update, server_learning_rate=lr, aggregator=agg)
     elif name == "qffl":
-        update = qffl.qffl_client(
-            model,
-            c.learning_rate,
-            q=s.q,
-            batch_size=c.batch_size,
-            num_epochs=c.num_epochs,
-            max_steps=c.max_steps,
+        update = wrap(
+            qffl.qffl_client(
+                model,
+                c.learning_rate,
+                q=s.q,
+                batch_size=c.batch_size,
+                num_epochs=c.num_epochs,
+                max_steps=c.max_steps,
+            )
         )
         algo = qffl.qffl(update, aggregator=agg)
     elif name == "feddyn":
@@ -222,11 +283,101 @@ def sample_cohort(cohort: cfg.Cohort, key: jax.Array, num_clients: int):
     return np.arange(num_clients, dtype=np.int32), np.ones(num_clients, bool)
 
 
+BUCKET_ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "fedsgd", "fedadam", "fedyogi", "fedadagrad")
+"""The algorithms whose round takes size buckets (:func:`fljax.simulation.averaging_algorithm`)."""
+NUM_BUCKETS = 4
+"""Bucket lengths the trainer plans for a heavy-tailed population."""
+BUCKET_CHUNK = 8
+"""Clients per chunk in a bucketed round under ``chunk_size="auto"``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CohortLayout:
+    """How :func:`train` pads a round's sampled clients (changes no result, tested).
+
+    Attributes:
+      capacities: Poisson-sampled cohorts: the capacity ladder
+        (:func:`fljax.data.sampling.poisson_capacities`) each draw is padded to, instead of one
+        Chernoff capacity; the same clients, at most ``len(capacities)`` round shapes.
+      plan: heavy-tailed populations (:func:`fljax.data.bucketing.heavy_tailed`): size buckets,
+        each bucket's client count padded to a rung of ``bucket_capacities``
+        (:func:`fljax.data.bucketing.gather`), at most
+        ``bucketing.max_shapes(plan, bucket_capacities)`` compiled client shapes.
+      bucket_capacities: see ``plan``.
+    """
+
+    capacities: tuple[int, ...] | None = None
+    plan: bucketing.Plan | None = None
+    bucket_capacities: tuple[int, ...] | None = None
+
+    def cohort(self, data: FederatedData, ids, mask, num_examples: int, devices: int, key: jax.Array):
+        """The round's cohort: a :class:`~fljax.base.Cohort`, or a tuple of size buckets."""
+        if self.plan is not None:
+            caps = self.bucket_capacities
+            return tuple(bucketing.gather(data, ids, mask, self.plan, capacities=caps, key=key))
+        if self.capacities is not None:
+            ids, mask = sampling.to_capacity(ids, mask, self.capacities)
+        ids, mask = pad_slots(ids, mask, devices)
+        return data.cohort(ids, client_mask=mask, num_examples=num_examples, key=key)
+
+
+def cohort_layout(config: Config, dp_config, data: FederatedData, *, stateful: bool) -> CohortLayout:
+    """The :class:`CohortLayout` of a run. Capacity ladders and buckets are used where the round's
+    result does not depend on its slot count: no DP, or central DP (:class:`~fljax.privacy.DPConfig`),
+    and no simulated secure-aggregation dropouts (whose draws are per slot). Buckets also need an
+    algorithm of :data:`BUCKET_ALGORITHMS`, a weighted or uniform mean (or DP), stateless clients,
+    the masking simulation (not the host protocol) and a heavy-tailed population. Only with
+    ``config.cohort_layout="compact"``: each new shape compiles once (measured: about 50 s for
+    the LeNet DP round on a loaded 2-core machine, so femnist_private's 50 rounds would not
+    earn back its 4 shapes), and the default keeps the one shape of the published runs."""
+    if config.cohort_layout == "padded":
+        return CohortLayout()
+    if not (dp_config is None or isinstance(dp_config, privacy.DPConfig)):
+        return CohortLayout()
+    if config.secagg is not None and config.secagg.dropout_rate > 0:
+        return CohortLayout()
+    n, c = data.num_clients, config.client
+    capacities = None
+    if isinstance(dp_config, privacy.DPConfig):
+        if dp_config.sampling == "poisson":
+            capacities = sampling.poisson_capacities(n, dp_config.cohort_size / n)
+    elif config.cohort.sampling == "poisson":
+        capacities = sampling.poisson_capacities(n, config.cohort.q, config.cohort.max_size)
+    bucketed = (
+        config.server.algorithm in BUCKET_ALGORITHMS
+        and not stateful
+        and config.aggregator in (None, "weighted_mean", "uniform_mean")
+        and not config.secagg_protocol
+        and bucketing.heavy_tailed(data.sizes, c.batch_size, c.max_steps)
+    )
+    devices = round_devices(config.devices)
+    chunk = BUCKET_CHUNK if config.chunk_size == "auto" else config.chunk_size
+    if not bucketed or (chunk is not None and chunk % devices):  # buckets of whole chunks per device
+        return CohortLayout(capacities=capacities)
+    plan = bucketing.plan(data.sizes, c.batch_size, num_buckets=NUM_BUCKETS)
+    caps = bucketing.count_capacities(n, chunk_size=chunk, multiple=devices)
+    return CohortLayout(capacities=capacities, plan=plan, bucket_capacities=caps)
+
+
+def bucketed_round(config: Config, algo):
+    """``algo.update`` for size buckets, NOT jitted as a whole: each bucket is one jitted call,
+    so the compiled shapes are bounded (:func:`fljax.data.bucketing.max_shapes`); chunks of
+    :data:`BUCKET_CHUNK` clients under ``chunk_size="auto"``. Cached with the round."""
+    chunk = BUCKET_CHUNK if config.chunk_size == "auto" else config.chunk_size
+    key = ("buckets", id(algo), chunk)
+    if key not in _ROUNDS:
+        _ROUNDS[key] = algo.with_performance(Performance(chunk_size=chunk, mesh=device_mesh(config))).update
+    return _ROUNDS[key]
+
+
 _ROUNDS: dict = {}
 
 
-def _compiled_round(config: Config, model, dp_config=None, num_clients: int = 0, audit=None):
+def _compiled_round(config: Config, model, dp_config=None, num_clients: int = 0, audit=None, remote=None):
     """One jitted round per (algorithm settings, model), shared by repeats and baselines."""
+    if remote is not None:  # a deployment: its own clients, never cached
+        algo = build_algorithm(config, model, dp_config, num_clients, audit, remote)
+        return algo, jax.jit(algo.update)
     canaries = None if audit is None else (audit[0], jax.random.key_data(audit[1]).tobytes())
     key = (
         canaries,
@@ -236,6 +387,7 @@ def _compiled_round(config: Config, model, dp_config=None, num_clients: int = 0,
         config.aggregator,
         config.trim_fraction,
         config.chunk_size,
+        round_devices(config.devices),
         config.secagg,
         config.secagg_protocol,
         dp_config,
@@ -293,6 +445,7 @@ def train(
     resume=False,
     progress=True,
     desc="federated",
+    remote=None,
 ) -> Trained:
     """Runs ``config.rounds`` rounds of federated training on ``train_data``.
 
@@ -326,9 +479,13 @@ def train(
     secret = dp_config is not None and not section.reproducible
     loop_key = fl_random.secret_key() if secret else None
     audit = _audit(config, dp_config, run_key)
-    algo, update = _compiled_round(config, model, dp_config, train_data.num_clients, audit)
+    algo, update = _compiled_round(config, model, dp_config, train_data.num_clients, audit, remote)
+    devices = round_devices(config.devices)
     state = algo.init(params)
     states = build_client_states(config, model, params, train_data.num_clients)  # stateful clients, host
+    layout = cohort_layout(config, dp_config, train_data, stateful=states is not None)
+    if layout.plan is not None:  # heavy-tailed: size buckets, one jitted call per bucket
+        update = bucketed_round(config, algo)
     bundle = lambda: state if states is None else (state, states.tree)  # what a checkpoint holds
     records, start = [], 0
     ckpt_dir = None if out_dir is None else pathlib.Path(out_dir) / "checkpoints"
@@ -388,8 +545,8 @@ def train(
             ids, mask = sampling.poisson(sample_key, train_data.num_clients, q)
         else:
             ids, mask = sample_cohort(config.cohort, sample_key, train_data.num_clients)
-        cohort = train_data.cohort(
-            ids, client_mask=mask, num_examples=num_examples, key=fl_random.stream(run_key, "data")
+        cohort = layout.cohort(
+            train_data, ids, mask, num_examples, devices, key=fl_random.stream(run_key, "data")
         )
         if states is not None:
             cohort = states.attach(cohort)
@@ -893,6 +1050,10 @@ def run(
     if resume and overwrite:
         raise RunFolderError("resume and overwrite exclude each other")
     cfg.validate(config)
+    if config.deploy is not None:  # a local Flower deployment: the same training, over the network
+        from fljax.deploy import local
+
+        return local.run(config, out)
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
@@ -900,7 +1061,7 @@ def run(
         previous = _check_out(out, config, resume=resume, overwrite=overwrite)
         if overwrite:
             _clear(out)
-        info = outputs.run_info()
+        info = outputs.run_info() | {"round_devices": round_devices(config.devices)}
         if resume and previous is not None:  # keep the first run's facts, add this one's
             info = previous | {"resumed": [*previous.get("resumed", []), info]}
         outputs.write_atomic(out / "config.json", outputs.dumps(cfg.to_dict(config), indent=1))

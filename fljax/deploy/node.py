@@ -1,0 +1,353 @@
+"""A node's side of a deployment: its data shard, the jitted client update and its secrets.
+
+:class:`Node` answers the server's requests (:mod:`fljax.deploy.wire` messages) for one
+client: ``hello`` (its id, example count and signing key), ``train`` (the same client update
+the simulation maps over the cohort, built by :func:`fljax.experiment.trainer.build_algorithm`
+from the same config, run on the node's shard with the key the server's round derived for
+this client), and, under secure aggregation, ``encode`` (the fixed-point encoding of its own
+update, :func:`fljax.secagg.encoding.encode`), the four steps of the masking protocol
+(:class:`fljax.secagg.protocol.Client`) and, under homomorphic encryption, ``he_encrypt``,
+plus ``he_keygen``/``he_decrypt`` on the node that holds the CKKS secret key. Under secure
+aggregation the update never leaves the node in the clear.
+
+Flower starts one ClientApp process per message; the node's runtime is long-lived instead
+(:func:`serve`, one per SuperNode, on a Unix socket only its owner can open), so the update is
+compiled once and the protocol's secrets stay in one process's memory for the whole round.
+The ClientApp (:mod:`fljax.deploy.flower_app`) forwards each message to it.
+
+A shard is an ``.npz`` with ``x``, ``y`` and ``mask`` (one client's examples, padded exactly as
+the simulation's cohort pads them) and ``client_id``, written by :func:`write_shard`.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import socket
+import socketserver
+import struct
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from fljax import models, secagg
+from fljax import simulation as sim
+from fljax.base import ClientData, Performance
+from fljax.deploy import wire
+from fljax.experiment import config as cfg
+from fljax.experiment import trainer
+from fljax.secagg import encoding
+from fljax.secagg import messages as sa_msg
+from fljax.secagg import protocol as sa_protocol
+
+RAW = (serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+STATELESS = ("fedavg", "fedavgm", "fedprox", "fedsgd", "fednova", "qffl", "fedadam", "fedyogi", "fedadagrad")
+"""Algorithms whose client update is stateless (deployable); the others keep client state."""
+
+
+def write_shard(path, data: ClientData, client_id: int, num_classes: int) -> pathlib.Path:
+    """Write one client's padded data (``x[num_examples, ...]``, ``y``, ``mask``) to ``path``."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        path,
+        x=np.asarray(data.x),
+        y=np.asarray(data.y),
+        mask=np.asarray(data.mask),
+        client_id=np.int64(client_id),
+        num_classes=np.int64(num_classes),
+    )
+    return path
+
+
+class _Capture:
+    """``remote`` for :func:`trainer.build_algorithm` that keeps the client update it is given."""
+
+    update = None
+
+    def client(self, update):
+        self.update = update
+        return update
+
+    def secure_sum(self, config):
+        return secagg.secure_sum(config)
+
+
+def client_update(config: cfg.Config, model):
+    """The client update the trainer builds for ``config`` (the one the simulation vmaps)."""
+    if config.server.algorithm not in STATELESS:
+        raise ValueError(
+            f"server.algorithm={config.server.algorithm!r} keeps client state across rounds; a deployment "
+            f"runs the stateless ones: {', '.join(STATELESS)}"
+        )
+    capture = _Capture()
+    trainer.build_algorithm(config, model, remote=capture)
+    return capture.update
+
+
+class Node:
+    """One client's runtime: answers :mod:`fljax.deploy.wire` requests (:meth:`handle`).
+
+    Args:
+      config: the experiment's config (the same file the server runs).
+      shard: path of this client's shard (:func:`write_shard`).
+      fault: for failure tests only: ``"crash:<op>"``: on receiving request ``op``, SIGKILL
+        this node's process group (the runtime and its SuperNode), i.e. a crash mid-round;
+        ``None`` in a real deployment.
+    """
+
+    def __init__(self, config: cfg.Config, shard, *, fault: str | None = None):
+        if fault is not None and not fault.startswith("crash:"):
+            raise ValueError(f"unknown fault {fault!r}; expected 'crash:<op>'")
+        self.config, self.fault = config, fault
+        with np.load(shard, allow_pickle=False) as z:
+            self.data = ClientData(z["x"], z["y"], z["mask"])
+            self.client_id = int(z["client_id"])
+            num_classes = int(z["num_classes"])
+        self.model = trainer.build_model(config.model, num_classes)
+        update = sim.apply_performance(client_update(config, self.model), Performance(chunk_size=None))
+        self._train = jax.jit(jax.vmap(update, in_axes=(None, 0, 0)))
+        self.template = jax.eval_shape(
+            lambda: models.init_params(self.model, self.data.x.shape[1:], jax.random.key(0))
+        )
+        self._signing = ed25519.Ed25519PrivateKey.generate()
+        self._used_rounds: set[int] = set()
+        self._delta = None  # this round's flattened update, kept here under secure aggregation
+        self._weight = 0.0
+        self._values = None  # its encoding in Z_(2**bits)
+        self._client = None  # the masking protocol's client of this round
+        self._key_holder = None
+
+    # ------------------------------------------------------------------ requests
+
+    def handle(self, data: bytes) -> bytes:
+        """Answer one request; errors come back as ``{"error": message}``, never raised."""
+        try:
+            request = wire.unpack(data)
+            op = wire.field(request, "op")
+            reply = getattr(self, f"_op_{op}", None)
+            if reply is None:
+                raise wire.MalformedMessage(f"unknown op {op!r}")
+            if self.fault == f"crash:{op}":
+                os.killpg(os.getpgid(0), signal.SIGKILL)
+            out = reply(request)
+        except Exception as e:  # noqa: BLE001 - every failure is reported to the server
+            return wire.pack({"error": f"{type(e).__name__}: {e}"})
+        return wire.pack(out)
+
+    def _op_hello(self, request) -> dict:
+        return {
+            "client_id": self.client_id,
+            "num_examples": int(self.data.mask.sum()),
+            "padded_examples": int(self.data.mask.shape[0]),
+            "feature_shape": np.asarray(self.data.x.shape[1:], np.int64),
+            "verify_key": self._signing.public_key().public_bytes(*RAW),
+        }
+
+    def _op_train(self, request) -> dict:
+        params = wire.arrays_to_tree(request, "p", self.template)
+        key = jax.random.wrap_key_data(np.asarray(wire.field(request, "key"), np.uint32))
+        batch = jax.tree.map(lambda a: a[None], self.data)
+        out = self._train(params, batch, key[None])
+        out = jax.tree.map(lambda a: np.asarray(a[0]), out)
+        delta = out.delta
+        names = sorted(out.metrics)
+        reply = {
+            "weight": np.float32(out.weight),
+            "metric_names": np.array(names),
+            "metrics": np.array([out.metrics[k] for k in names], np.float32),
+        }
+        if bool(request.get("secure", False)):  # the update stays here
+            flat = np.concatenate([np.ravel(a).astype(np.float32) for a in jax.tree.leaves(delta)])
+            finite = bool(np.all(np.isfinite(flat)))
+            self._delta = flat if finite else np.zeros_like(flat)
+            self._weight = float(out.weight) if finite else 0.0
+            reply["finite"] = finite
+            return reply
+        return reply | wire.tree_to_arrays(delta, "d")
+
+    def _op_encode(self, request) -> dict:
+        """This client's row of :func:`fljax.secagg.encoding.encode` over the cohort's slots."""
+        if self._delta is None:
+            raise wire.MalformedMessage("encode before train")
+        sa = self.config.secagg
+        n, slot = int(wire.field(request, "num_slots")), int(wire.field(request, "slot"))
+        if not 0 <= slot < n:
+            raise ValueError(f"slot {slot} outside 0..{n - 1}")
+        bits = sa.ring_bits(n)
+        key = jax.random.wrap_key_data(np.asarray(wire.field(request, "rounding_key"), np.uint32))
+        x = jnp.zeros((n, self._delta.size), jnp.float32).at[slot].set(self._delta)
+        w = jnp.zeros((n,), jnp.float32).at[slot].set(self._weight)
+        enc = jax.jit(encoding.encode, static_argnums=(3, 4))(x, w, key, sa, bits)
+        self._values = np.asarray(enc.values[slot], np.uint32)
+        self._bits = bits
+        return {"range_clipped": bool(enc.num_range_clipped > 0)}
+
+    # ------------------------------------------------------------------ masking protocol
+
+    def _op_advertise(self, request) -> dict:
+        out = self._op_encode(request)
+        n = int(request["num_slots"])
+        verify = {
+            int(s): ed25519.Ed25519PublicKey.from_public_bytes(k.tobytes())
+            for s, k in zip(request["verify_slots"], request["verify_keys"], strict=True)
+        }
+        verify[sa_msg.SERVER] = ed25519.Ed25519PublicKey.from_public_bytes(wire.field(request, "server_key"))
+        self._client = sa_protocol.Client(
+            int(request["slot"]),
+            self._signing,
+            verify,
+            self.config.secagg,
+            n,
+            int(wire.field(request, "round_id")),
+            used_round_ids=self._used_rounds,
+        )
+        return out | {"message": self._client.advertise_keys()}
+
+    def _protocol(self):
+        if self._client is None:
+            raise wire.MalformedMessage("protocol step before advertise")
+        return self._client
+
+    def _op_share(self, request) -> dict:
+        return {"message": self._protocol().share_keys(wire.field(request, "message"))}
+
+    def _op_masked(self, request) -> dict:
+        return {"message": self._protocol().masked_input(wire.field(request, "message"), self._values)}
+
+    def _op_unmask(self, request) -> dict:
+        reply = self._protocol().unmask(wire.field(request, "message"))
+        self._client, self._delta, self._values = None, None, None
+        return {"message": reply}
+
+    # ------------------------------------------------------------------ homomorphic encryption
+
+    def _op_he_keygen(self, request) -> dict:
+        from fljax.secagg import he
+
+        self._key_holder = he.KeyHolder(he.HEConfig(**_he_kwargs(request)))
+        return {
+            "public_context": self._key_holder.public_context,
+            "server_context": self._key_holder.server_context,
+        }
+
+    def _op_he_encrypt(self, request) -> dict:
+        from fljax.secagg import he
+
+        out = self._op_encode(request)
+        half = 1 << (self._bits - 1)
+        signed = ((self._values.astype(np.int64) + half) % (1 << self._bits)) - half
+        cts = he.encrypt(
+            wire.field(request, "public_context"),
+            signed,
+            he.HEConfig(**_he_kwargs(request)),
+            scale_bits=int(request["scale_bits"]),
+            max_abs=int(request["max_abs"]),
+        )
+        self._delta, self._values = None, None
+        return out | {"num_ciphertexts": len(cts)} | {f"ct{i}": c for i, c in enumerate(cts)}
+
+    def _op_he_decrypt(self, request) -> dict:
+        if self._key_holder is None:
+            raise wire.MalformedMessage("this node holds no CKKS secret key")
+        count = int(request["num_ciphertexts"])
+        total = [wire.field(request, f"ct{i}") for i in range(count)]
+        s = self._key_holder.decrypt(
+            total,
+            dim=int(request["dim"]),
+            num_clients=int(request["num_clients"]),
+            max_abs=int(request["max_abs"]),
+        )
+        return {"total": s}
+
+
+def _he_kwargs(request: dict) -> dict:
+    return {
+        "poly_modulus_degree": int(request["poly_modulus_degree"]),
+        "min_clients": int(request["min_clients"]),
+    }
+
+
+# ---------------------------------------------------------------------- the node's process
+
+
+_FRAME = struct.Struct(">Q")
+
+
+def send_frame(sock: socket.socket, data: bytes) -> None:
+    sock.sendall(_FRAME.pack(len(data)) + data)
+
+
+def recv_frame(sock: socket.socket, max_bytes: int = 4 * wire.MAX_MESSAGE_BYTES) -> bytes:
+    head = _recv_exact(sock, _FRAME.size)
+    (size,) = _FRAME.unpack(head)
+    if size > max_bytes:
+        raise wire.OversizedMessage(f"frame of {size} bytes > {max_bytes}")
+    return _recv_exact(sock, size)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = sock.recv(min(n - got, 1 << 20))
+        if not chunk:
+            raise ConnectionError("connection closed mid-frame")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def ask(socket_path, data: bytes, timeout: float = 600.0) -> bytes:
+    """Send one request to the node runtime at ``socket_path`` and return its reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(socket_path))
+        send_frame(sock, data)
+        return recv_frame(sock)
+
+
+def serve(node: Node, socket_path) -> None:
+    """Answer requests on the Unix socket ``socket_path`` (mode 0600) until killed."""
+    path = pathlib.Path(socket_path)
+    path.unlink(missing_ok=True)
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self):
+            data = recv_frame(self.request)
+            send_frame(self.request, node.handle(data))
+
+    old = os.umask(0o177)
+    try:
+        server = socketserver.UnixStreamServer(str(path), Handler)
+    finally:
+        os.umask(old)
+    print(f"fljax node {node.client_id}: ready on {path}", flush=True)
+    server.serve_forever()
+
+
+def main(argv=None) -> None:
+    """``python -m fljax.deploy.node --config config.json --shard shard.npz --socket path``."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--config", required=True, help="config.json of the run (cfg.to_dict)")
+    p.add_argument("--shard", required=True)
+    p.add_argument("--socket", required=True)
+    p.add_argument("--fault", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    config = cfg.from_dict(cfg.Config, json.loads(pathlib.Path(args.config).read_text()))
+    start = time.perf_counter()
+    node = Node(config, args.shard, fault=args.fault)
+    print(f"fljax node {node.client_id}: loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    serve(node, args.socket)
+
+
+if __name__ == "__main__":
+    main()
