@@ -12,16 +12,19 @@
 # 2. seed_cifar (experiments/bench_round.py): the plain FedAvg round at cohorts 10, 100 and 1,000
 #    (LeNet, 500 examples per client), the hardware bound (the CNN trained centrally) and the
 #    plain sequential PyTorch loop (experiments/torch_reference.py) measured in the same run.
-#    torch_reference.py runs its loop on the CPU: it has no device option, so on a GPU machine
-#    the reference is the loop on that machine's CPU cores.
+#    Both workloads' PyTorch loops run on the GPU: the script sets TORCH_REFERENCE_DEVICE=cuda
+#    (torch_reference.py's device; cpu in --dry-run).
 # 3. many_small (experiments/bench_data.py) at cohort 10,000: size buckets over 10,000
 #    heavy-tailed clients, then the whole population as one jitted round.
+# 4. shakespeare_lstm (experiments/bench_lstm.py) at cohort 100: the char-LSTM round (fused
+#    recurrence, size buckets) beside the PyTorch loop (nn.LSTM) over the same clients.
 #
 # Prints the benchmarks' JSON lines (fields: ../shared/BENCHMARKS.md) between a first line
 # {"bench": "gpu_check", "stage": "start", ...} and a last line {"bench": "gpu_check",
 # "stage": "done", "elapsed_sec": ..., "within_budget": ...}; exits non-zero if any stage fails.
 # --dry-run uses the Python in $PYTHON (default .venv/bin/python, else python3) with JAX_PLATFORMS=cpu,
-# installs nothing, and runs the same stages at tiny sizes: cohorts of 2 and 16 clients.
+# installs nothing, and runs the same stages at tiny sizes: cohorts of 2 and 16 clients (the LSTM
+# with 16 units on sequences of 8).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,6 +46,8 @@ if [[ $dry_run == 1 ]]; then
   budget_sec=60
   round_args=(--quick)  # cohort 2 of 16x16 images, every variant, one round
   data_args=(--quick --cohorts 16 --rounds 1 --num-buckets 2)
+  lstm_args=(--quick)  # cohort 2, LSTM 2x16, sequences of 8, one round
+  export TORCH_REFERENCE_DEVICE=cpu
 else
   venv="${GPU_VENV:-.venv-gpu}"
   python3 -m venv "$venv"
@@ -55,6 +60,8 @@ else
   "$py" -c 'import jax; assert jax.default_backend() == "gpu", f"jax sees no GPU: {jax.devices()}"'
   round_args=(--cohorts 10,100,1000 --rounds 1 --variants plain)
   data_args=(--cohorts 10000 --rounds 1)
+  lstm_args=(--cohorts 100 --rounds 1)
+  export TORCH_REFERENCE_DEVICE=cuda
 fi
 
 "$py" - "$dry_run" <<'EOF'
@@ -72,6 +79,7 @@ EOF
 
 "$py" experiments/bench_round.py "${round_args[@]}"
 "$py" experiments/bench_data.py "${data_args[@]}"
+"$py" experiments/bench_lstm.py "${lstm_args[@]}"
 
 within=false
 if ((SECONDS <= budget_sec)); then within=true; fi

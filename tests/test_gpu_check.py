@@ -1,8 +1,9 @@
 """``experiments/gpu_check.sh --dry-run``: the GPU check's sequence on CPU at tiny sizes.
 
-It is also the smoke test of both benchmarks it runs: ``bench_round.py --quick`` (every variant
-at cohort 2) and ``bench_data.py --quick`` (a sampled cohort of 16, then the quick population
-as one jitted round).
+It is also the smoke test of the benchmarks it runs: ``bench_round.py --quick`` (every variant
+at cohort 2), ``bench_data.py --quick`` (a sampled cohort of 16, then the quick population
+as one jitted round) and ``bench_lstm.py --quick`` (the fused char-LSTM round at cohort 2,
+its gradient checked against the flax model's).
 
 PyTorch is in the ``bench`` extra, not the ``test`` extra: without it the benchmark prints a
 ``skipped`` line for the PyTorch loop; every other line is checked, then the test is skipped.
@@ -53,7 +54,17 @@ def test_gpu_check_dry_run_prints_every_stage():
         for field in ("padding_fraction", "naive_padding_fraction", "client_updates_per_sec", "peak_rss_mb"):
             assert isinstance(line[field], float)
         assert 0.0 <= line["padding_fraction"] < line["naive_padding_fraction"] < 1.0
+    lstm = [line for line in lines if line["bench"] == "shakespeare_lstm"]
+    (check,) = [line for line in lstm if line["system"] == "check"]  # fused LSTM's gradient vs flax's
+    assert check["formulation"] == "fused" and check["grad_max_abs_diff"] <= 1e-4 * check["grad_max_abs"]
+    (lstm_fljax,) = [line for line in lstm if line["system"] == "fljax"]
+    assert (lstm_fljax["cohort"], lstm_fljax["formulation"], lstm_fljax["layout"]) == (2, "fused", "bucketed")
+    assert lstm_fljax["sec_per_round"] > 0 and lstm_fljax["examples_per_sec"] > 0
+    assert 0 < lstm_fljax["local_steps"] <= lstm_fljax["computed_steps"]
+    (lstm_torch,) = [line for line in lstm if line["system"] == "pytorch_loop"]
     if importlib.util.find_spec("torch") is None:
-        assert torch_line["skipped"] == "torch not installed"
+        assert torch_line["skipped"] == lstm_torch["skipped"] == "torch not installed"
         pytest.skip("torch is not installed (the 'bench' extra, not the 'test' extra): PyTorch loop skipped")
     assert torch_line["sec_per_round"] > 0 and "speedup_vs_pytorch" in fljax[0]
+    assert lstm_torch["torch_device"] == "cpu" and lstm_torch["local_steps"] == lstm_fljax["local_steps"]
+    assert lstm_torch["sec_per_round"] > 0 and "speedup_vs_pytorch" in lstm_fljax
