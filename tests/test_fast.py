@@ -461,7 +461,8 @@ def test_sharded_cohort_equals_unsharded():
     close(round_result(sharded), round_result(cohort))
 
 
-def test_clients_spread_over_devices_equal_one_device():
+def test_clients_spread_over_devices_equal_one_device(monkeypatch):
+    monkeypatch.setattr(simulation, "MAX_PAD_FRACTION", 1.0)  # pad rather than use fewer devices
     # shard_map over a mesh of 2 and 4 fake CPU devices (each device maps over its
     # own clients, in chunks or not): the same round up to float reassociation.
     cohort = make_cohort()

@@ -14,7 +14,9 @@ from fljax.data.datasets import paths
 from tests.experiment import runner
 
 CONFIGS = runner.CONFIGS
-COMMON = ["rounds=2", "eval_every=2", "repeats=1", "checkpoint_every=2"]
+# devices=1: one compiled program per config; spreading rounds over devices (the default) is
+# tested bit for bit in tests/experiment/test_devices.py.
+COMMON = ["rounds=2", "eval_every=2", "repeats=1", "checkpoint_every=2", "devices=1"]
 # config name -> (offline data folder it needs or None, smoke overrides)
 SMOKE = {
     "heart_disease": (None, []),

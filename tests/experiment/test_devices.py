@@ -14,6 +14,7 @@ import json
 import numpy as np
 import pytest
 
+from fljax import simulation
 from fljax.experiment import ConfigError, trainer
 from tests.experiment import runner
 
@@ -24,6 +25,13 @@ CASES = {
     "dp_secagg": (str(runner.CONFIGS / "heart_disease_private.py"), [], (2,)),
     "scaffold": (runner.HEART, ["server.algorithm='scaffold'", "client.momentum=None"], (2,)),
 }
+
+
+@pytest.fixture(autouse=True)
+def pad_freely(monkeypatch):
+    """Pad the cohort rather than use fewer devices (simulation.MAX_PAD_FRACTION), so that the
+    padded sharded path runs: 3 clients over 2 devices is one padding slot in 4."""
+    monkeypatch.setattr(simulation, "MAX_PAD_FRACTION", 1.0)
 
 
 def _rows(out):
