@@ -44,7 +44,7 @@ if [[ $dry_run == 1 ]]; then
   fi
   export JAX_PLATFORMS=cpu
   budget_sec=60
-  round_args=(--quick --variants plain,dp_secagg,ddp)  # cohort 2 of 16x16 images, one round
+  round_args=(--quick --variants plain,dp_secagg)  # cohort 2 of 16x16 images, one round
   data_args=(--quick --cohorts 16 --rounds 1 --num-buckets 2)
   lstm_args=(--quick)  # cohort 2, LSTM 2x16, sequences of 8, one round
   export TORCH_REFERENCE_DEVICE=cpu

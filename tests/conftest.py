@@ -16,3 +16,22 @@ import jax  # noqa: E402
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_debug_key_reuse", True)
+
+
+# The longest files first: pytest-xdist (--dist loadfile) hands out files in collection order,
+# so a long file collected last keeps one worker busy after the other has finished.
+LONG_FIRST = (
+    "tests/deploy/test_flower.py",
+    "tests/test_gpu_check.py",
+    "tests/test_distributed.py",
+    "tests/test_notebooks.py",
+    "tests/experiment/test_configs.py",
+    "tests/deploy/test_server.py",
+    "tests/experiment/test_crash.py",
+    "tests/experiment/test_devices.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(LONG_FIRST)))

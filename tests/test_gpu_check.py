@@ -1,7 +1,7 @@
 """``experiments/gpu_check.sh --dry-run``: the GPU check's sequence on CPU at tiny sizes.
 
-It is also the smoke test of the benchmarks it runs: ``bench_round.py --quick`` (plain, DP over the
-secure sum and distributed DP at cohort 2), ``bench_data.py --quick`` (a sampled cohort of 16, then the quick population
+It is also the smoke test of the benchmarks it runs: ``bench_round.py --quick`` (plain and DP over the
+secure sum at cohort 2), ``bench_data.py --quick`` (a sampled cohort of 16, then the quick population
 as one jitted round) and ``bench_lstm.py --quick`` (the fused char-LSTM round at cohort 2,
 its gradient checked against the flax model's).
 
@@ -37,7 +37,7 @@ def test_gpu_check_dry_run_prints_every_stage():
     assert done["stage"] == "done" and done["budget_sec"] == 60 and done["elapsed_sec"] >= 0
     seed = [line for line in lines if line["bench"] == "seed_cifar"]
     fljax = [line for line in seed if line.get("system") == "fljax"]
-    variants = ["plain", "dp_secagg", "ddp"]  # central DP over the secure sum, distributed DP
+    variants = ["plain", "dp_secagg"]  # and central DP over the secure sum
     assert [(line["cohort"], line["variant"]) for line in fljax] == [(2, v) for v in variants]
     for line in fljax:
         assert "skipped" not in line, line
