@@ -18,17 +18,25 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_debug_key_reuse", True)
 
 
-# The longest files first: pytest-xdist (--dist loadfile) hands out files in collection order,
-# so a long file collected last keeps one worker busy after the other has finished.
+# The longest files first (measured in CI): pytest-xdist (--dist loadfile --no-loadscope-reorder)
+# hands out files in collection order, so a long file collected last keeps one worker busy after
+# the other has finished. Without --no-loadscope-reorder xdist sorts files by their number of tests.
 LONG_FIRST = (
     "tests/deploy/test_flower.py",
-    "tests/test_gpu_check.py",
-    "tests/test_distributed.py",
-    "tests/test_notebooks.py",
     "tests/experiment/test_configs.py",
+    "tests/test_notebooks.py",
+    "tests/test_distributed.py",
+    "tests/test_gpu_check.py",
     "tests/deploy/test_server.py",
     "tests/experiment/test_crash.py",
+    "tests/privacy/test_distributed_dp.py",
+    "tests/privacy/test_matrix_factorization.py",
+    "tests/privacy/test_dp_mnist.py",
+    "tests/data/test_bucketing.py",
+    "tests/test_fast.py",
     "tests/experiment/test_devices.py",
+    "tests/experiment/test_run.py",
+    "tests/privacy/test_private_outputs.py",
 )
 
 
