@@ -21,6 +21,8 @@ the simulation's cohort pads them) and ``client_id``, written by :func:`write_sh
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import pathlib
 import signal
@@ -38,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fljax import models, secagg
 from fljax import simulation as sim
+from fljax import tree as fl_tree
 from fljax.base import ClientData, Performance
 from fljax.deploy import wire
 from fljax.experiment import config as cfg
@@ -64,6 +67,42 @@ def write_shard(path, data: ClientData, client_id: int, num_classes: int) -> pat
         num_classes=np.int64(num_classes),
     )
     return path
+
+
+def deployable_dp_problem(config: cfg.Config) -> str | None:
+    """Why ``config``'s DP cannot run over a secure sum in a deployment, or None if it can.
+
+    The nodes clip (the server never sees an update), so everything the DP aggregator computes
+    from the updates or their weights must be computable at a node: a fixed clip norm and
+    uniform weighting are; adaptive clipping's clipped count and capped weights are not.
+    """
+    if config.distributed_dp is not None or config.dp_ftrl is not None:
+        return "distributed_dp and dp_ftrl over a secure sum are not deployable; use dp (DP-FedAvg)"
+    dp = config.dp
+    if dp is None:
+        return None
+    if dp.target_quantile is not None:
+        return (
+            "dp.target_quantile (adaptive clipping) over a secure sum is not deployable: its clipped "
+            "count would have to go through the sum; use a fixed clip_norm"
+        )
+    if dp.weighting != "uniform":
+        return (
+            f"dp.weighting={dp.weighting!r} over a secure sum is not deployable: the server would need "
+            "each client's weight; use 'uniform'"
+        )
+    return None
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _clipped_over_c(delta, clip_norm, per_leaf: bool):
+    """One update clipped to L2 norm ``clip_norm`` and divided by it, exactly as
+    :func:`fljax.privacy.dp` scales each row of the cohort before its inner sum."""
+    batched = jax.tree.map(lambda a: jnp.asarray(a)[None], delta)
+    c = jnp.asarray(clip_norm, jnp.float32)
+    factors, _ = fl_tree.clip_factors(batched, c, per_leaf=per_leaf)
+    factors = jax.tree.map(lambda f: f / c, factors)
+    return jax.tree.map(lambda a: a[0], fl_tree.scale(batched, factors))
 
 
 class _Capture:
@@ -141,36 +180,76 @@ class Node:
             return wire.pack({"error": f"{type(e).__name__}: {e}"})
         return wire.pack(out)
 
+    @property
+    def secure(self) -> bool:
+        """Whether this node's config sets secure aggregation: then its update, weight and
+        training metrics never leave it in the clear, whatever the server asks."""
+        return self.config.secagg is not None
+
     def _op_hello(self, request) -> dict:
         return {
             "client_id": self.client_id,
-            "num_examples": int(self.data.mask.sum()),
+            "num_examples": -1 if self.secure else int(self.data.mask.sum()),
             "padded_examples": int(self.data.mask.shape[0]),
             "feature_shape": np.asarray(self.data.x.shape[1:], np.int64),
             "verify_key": self._signing.public_key().public_bytes(*RAW),
         }
 
     def _op_train(self, request) -> dict:
+        if bool(request.get("secure", False)) != self.secure:
+            raise ValueError(
+                "this node's config sets secagg: its update never leaves it in the clear"
+                if self.secure
+                else "the server asks for secure aggregation but this node's config has no secagg section"
+            )
         params = wire.arrays_to_tree(request, "p", self.template)
         key = jax.random.wrap_key_data(np.asarray(wire.field(request, "key"), np.uint32))
         batch = jax.tree.map(lambda a: a[None], self.data)
         out = self._train(params, batch, key[None])
         out = jax.tree.map(lambda a: np.asarray(a[0]), out)
-        delta = out.delta
         names = sorted(out.metrics)
-        reply = {
-            "weight": np.float32(out.weight),
+        if not self.secure:
+            return {
+                "weight": np.float32(out.weight),
+                "metric_names": np.array(names),
+                "metrics": np.array([out.metrics[k] for k in names], np.float32),
+            } | wire.tree_to_arrays(out.delta, "d")
+        # Secure aggregation: the update stays here and goes into the secure sum only. The server
+        # learns whether this client takes part (weight 1 or 0), not its example count; the
+        # training metrics are withheld (NaN).
+        finite = all(np.all(np.isfinite(a)) for a in jax.tree.leaves(out.delta))
+        weight = float(out.weight) if finite else 0.0
+        self._delta, self._weight = self._secure_input(out.delta if finite else None, weight)
+        return {
+            "weight": np.float32(1.0 if weight > 0 else 0.0),
             "metric_names": np.array(names),
-            "metrics": np.array([out.metrics[k] for k in names], np.float32),
+            "metrics": np.full((len(names),), np.nan, np.float32),
+            "finite": finite,
         }
-        if bool(request.get("secure", False)):  # the update stays here
-            flat = np.concatenate([np.ravel(a).astype(np.float32) for a in jax.tree.leaves(delta)])
-            finite = bool(np.all(np.isfinite(flat)))
-            self._delta = flat if finite else np.zeros_like(flat)
-            self._weight = float(out.weight) if finite else 0.0
-            reply["finite"] = finite
-            return reply
-        return reply | wire.tree_to_arrays(delta, "d")
+
+    def _secure_input(self, delta, weight: float) -> tuple[np.ndarray, float]:
+        """This node's row of the secure sum: ``(flat update, weight)``.
+
+        Without DP, the update and its weight, as the trainer's secure mean sums them. Under
+        ``config.dp`` (:func:`fljax.privacy.dp` over the secure sum), what that aggregator hands
+        its inner sum in simulation, computed here because the server never sees the update:
+        the update clipped to L2 norm ``C`` and divided by ``C`` (``clip_scheme`` as
+        configured), and the bounded weight (uniform: 1). ``delta=None`` (a non-finite update)
+        contributes zeros with weight 0.
+        """
+        size = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(self.template))
+        if delta is None or weight <= 0:
+            return np.zeros((size,), np.float32), 0.0
+        dp = self.config.dp
+        if dp is not None:
+            unsupported = deployable_dp_problem(self.config)
+            if unsupported:
+                raise ValueError(unsupported)
+            weight = 1.0  # uniform weighting (the only one deployable over a secure sum)
+            if math.isfinite(dp.clip_norm):
+                delta = _clipped_over_c(delta, np.float32(dp.clip_norm), dp.clip_scheme == "per_layer")
+        flat = np.concatenate([np.ravel(np.asarray(a)).astype(np.float32) for a in jax.tree.leaves(delta)])
+        return flat, float(weight)
 
     def _op_encode(self, request) -> dict:
         """This client's row of :func:`fljax.secagg.encoding.encode` over the cohort's slots."""

@@ -27,9 +27,14 @@ with the round's ``"rounding"`` key, so the integers are the simulation's), then
   key holder, or on a ciphertext that does not parse.
 
 The decoded sum is the simulation's bit for bit (integer sums are exact). Under secure
-aggregation, each node's weight (example count), training metrics and two flags (non-finite
-update, range clipped) still reach the server in the clear; DP over a secure sum over the
-network is not supported (its per-client clipping would have to move to the nodes).
+aggregation a node whose config sets ``secagg`` never sends its update, its example count
+(``hello`` reports -1) or its training metrics (NaN, so the round's ``client_*`` means are
+null): the server learns that it takes part (weight 1 or 0), two flags (non-finite update,
+range clipped) and the sum. DP-FedAvg over the secure sum (``dp`` with ``secagg``) is
+deployable with a fixed clip norm and uniform weighting: each node clips its own update and
+divides it by ``C`` exactly as :func:`fljax.privacy.dp` does in simulation
+(:func:`fljax.deploy.node.deployable_dp_problem` says what is refused and why), the server adds
+the noise to the decoded sum; ``num_clipped`` is then -1 (not observed by the server).
 
 Failures never stop the server: a node that does not answer, answers an error, sends bytes
 that do not parse, a message over ``max_message_bytes``, a delta of the wrong shape or a
@@ -72,8 +77,9 @@ there is none}``; a client missing from the result did not answer in time."""
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class NodeInfo:
-    """What a node announced at ``hello``: its client id, example count, feature shape and
-    Ed25519 verify key (registered for the masking protocol)."""
+    """What a node announced at ``hello``: its client id, example count (-1: withheld, under
+    secure aggregation), padded size, feature shape and Ed25519 verify key (registered for the
+    masking protocol)."""
 
     client_id: int
     num_examples: int
@@ -306,6 +312,7 @@ class RemoteClients:
                 "num_dropped": jnp.sum(counted & ~survived).astype(jnp.int32),
                 "num_range_clipped": clipped,
                 "aborted": aborted.astype(jnp.int32),
+                "num_clipped": jnp.int32(-1),  # under DP the nodes clip: the server cannot count
             }
             return state, encoding.unflatten(weighted, deltas), metrics
 
@@ -475,8 +482,8 @@ def server_config(config: cfg.Config, secure: str | None) -> cfg.Config:
         raise ValueError(f"secure={secure!r} needs config.secagg (the encoding); set secagg=SecAgg(...)")
     if secure is None and config.secagg is not None:
         raise ValueError("config.secagg is set: deploy with secure='secagg' or 'he'")
-    if secure is not None and (config.dp or config.distributed_dp or config.dp_ftrl):
-        raise ValueError("DP over a secure sum is not deployable yet (clipping would move to the nodes)")
+    if secure is not None and (problem := node_lib.deployable_dp_problem(config)):
+        raise ValueError(problem)
     return dataclasses.replace(config, chunk_size=None, devices=1, secagg_protocol=False)
 
 

@@ -149,7 +149,8 @@ def dp(config: DPConfig, sum: Aggregator | None = None) -> Aggregator:
       ``total_weight`` (sum of bounded weights), ``dp_clip_norm``,
       ``dp_noise_std`` (std on the sum), ``dp_sensitivity``,
       ``dp_simulated_noise_cohort`` (1 when the noise is a simulated production
-      cohort's, else 0), with adaptive clipping ``dp_unclipped_fraction``
+      cohort's, else 0; ``num_clipped`` is the inner sum's own when it reports one, e.g.
+      -1 from a deployment's sum, whose clients clip), with adaptive clipping ``dp_unclipped_fraction``
       (the noised estimate), and the inner sum's other metrics (e.g.
       ``num_dropped``, ``num_range_clipped``, ``aborted``).
 
@@ -228,7 +229,7 @@ def dp(config: DPConfig, sum: Aggregator | None = None) -> Aggregator:
         delta = jax.tree.map(lambda s: s / jnp.asarray(denom, s.dtype), total)
         metrics.update(
             num_nonfinite=num_nonfinite,
-            num_clipped=jnp.sum(clipped).astype(jnp.int32),
+            num_clipped=sum_metrics.get("num_clipped", jnp.sum(clipped).astype(jnp.int32)),
             num_clients=jnp.sum(valid).astype(jnp.int32),
             total_weight=jnp.sum(b),
             dp_clip_norm=c,

@@ -8,6 +8,7 @@ step. The same code runs behind Flower in tests/deploy/test_flower.py.
 
 import dataclasses
 import functools
+import json
 
 import jax
 import numpy as np
@@ -27,10 +28,16 @@ def world(tmp_path_factory):
     secure = dataclasses.replace(base, secagg=cfg.SecAgg())
     train_data, num_classes = local.load_train_data(base)
     tmp = tmp_path_factory.mktemp("shards")
-    nodes = {
-        c: node_lib.Node(secure, node_lib.write_shard(tmp / f"{c}.npz", d, c, num_classes))
+    paths = [
+        node_lib.write_shard(tmp / f"{c}.npz", d, c, num_classes)
         for c, d in enumerate(local.shards(base, train_data))
-    }
+    ]
+
+    @functools.cache
+    def nodes(config):
+        """The nodes of a run of ``config`` (a node reads the run's config, as in a deployment)."""
+        return {c: node_lib.Node(config, path) for c, path in enumerate(paths)}
+
     model = trainer.build_model(base.model, num_classes)
     return dict(base=base, secure=secure, data=train_data, num_classes=num_classes, nodes=nodes, model=model)
 
@@ -55,8 +62,9 @@ def exchange(nodes, faults=None):
 
 
 def deploy(world, tmp_path, config, secure=None, faults=None, **kwargs):
-    call = exchange(world["nodes"], faults)
-    remote = server.RemoteClients(call, server.hello(call, list(world["nodes"]), 5), secure=secure, **kwargs)
+    nodes = world["nodes"](config)
+    call = exchange(nodes, faults)
+    remote = server.RemoteClients(call, server.hello(call, list(nodes), 5), secure=secure, **kwargs)
     summary = server.run(config, tmp_path, remote, num_clients=4, num_classes=world["num_classes"])
     params = server.load_params(tmp_path / "final_params.npz", _template(world))
     return summary, params, remote
@@ -86,7 +94,8 @@ def max_diff(a, b) -> float:
 TOL = 1e-6
 
 
-@pytest.mark.parametrize("secure", [None, "secagg", "he"])
+# Masking ("secagg") is run under DP below (the same path with the nodes clipping).
+@pytest.mark.parametrize("secure", [None, "he"])
 def test_deployed_run_equals_the_simulation(world, tmp_path, secure):
     config = world["base"] if secure is None else world["secure"]
     summary, params, remote = deploy(world, tmp_path, config, secure)
@@ -104,6 +113,71 @@ def test_deployed_run_equals_the_simulation(world, tmp_path, secure):
     }
     assert phases.get(secure, {"train"}) <= set(stats[-1])
     assert all(s["train"]["bytes_sent"] > 0 for s in stats)
+    info = summary["deployment"]["nodes"]
+    if secure is None:
+        loss = rec["client_train_loss_weighted_mean"]
+        assert summary["final"]["client_train_loss_weighted_mean"] == pytest.approx(loss, rel=1e-6)
+        assert all(n["num_examples"] > 0 for n in info.values())
+    else:  # the server learns neither example counts nor training losses
+        assert np.isnan(summary["final"]["client_train_loss_weighted_mean"])
+        written = json.loads((tmp_path / "summary.json").read_text())["final"]
+        assert written["client_train_loss_weighted_mean"] is None  # strict JSON: null, "nan" beside it
+        assert all(n["num_examples"] == -1 for n in info.values())
+
+
+def test_dp_over_the_secure_sum_deployed_equals_the_simulation(world, tmp_path):
+    # The nodes clip (the server never sees an update); the server adds the noise to the
+    # decoded sum. With reproducible noise the deployed run is the simulation's.
+    dp = cfg.DP(clip_norm=0.05, noise_multiplier=0.3, reproducible=True, release_unnoised_metrics=True)
+    config = dataclasses.replace(world["secure"], dp=dp)
+    summary, params, _ = deploy(world, tmp_path, config, "secagg")
+    sim = _simulated(config)
+    assert max_diff(params, sim.state.params) <= TOL
+    base = _simulated(dataclasses.replace(config, dp=None))
+    assert max_diff(params, base.state.params) > 10 * TOL  # clipping and noise did act
+    rec, final = sim.records[-1], summary["final"]
+    assert rec["unnoised_num_clipped"] > 0  # the simulation clips (and counts in the clear) ...
+    assert final["unnoised_num_clipped"] == -1  # ... the deployment's server cannot count
+    assert final["unnoised_num_clients"] == rec["unnoised_num_clients"] == 4
+    assert final["dp_noise_std"] == rec["dp_noise_std"] > 0
+    assert np.isnan(final["unnoised_client_train_loss_weighted_mean"])  # withheld by the nodes
+    assert all(n["num_examples"] == -1 for n in summary["deployment"]["nodes"].values())
+    stats = summary["deployment"]["rounds"]
+    assert {"train", "advertise", "share", "masked", "unmask"} <= set(stats[-1])
+    assert summary["deployment"]["dropped"] == []
+
+
+@pytest.mark.parametrize(
+    ("dp", "match"),
+    [
+        (cfg.DP(clip_norm=0.1, noise_multiplier=1.0, target_quantile=0.5), "adaptive clipping"),
+        (
+            cfg.DP(
+                clip_norm=0.1,
+                noise_multiplier=1.0,
+                weighting="capped",
+                max_weight=50.0,
+                expected_cohort_weight=2.0,
+            ),
+            "weighting='capped'",
+        ),
+    ],
+)
+def test_dp_the_nodes_cannot_compute_is_refused(world, dp, match):
+    config = dataclasses.replace(world["secure"], dp=dp)
+    with pytest.raises(ValueError, match=match):
+        server.server_config(config, "secagg")
+
+
+def test_a_secure_node_never_sends_its_update_in_the_clear(world):
+    node = world["nodes"](world["secure"])[0]
+    params = trainer.models.init_params(world["model"], world["data"].x.shape[1:], _init_key(world["base"]))
+    request = {"op": "train", **wire.tree_to_arrays(params, "p"), "key": np.zeros(2, np.uint32)}
+    reply = wire.unpack(node.handle(wire.pack(request | {"secure": False})))
+    assert "never leaves it in the clear" in reply["error"]
+    reply = wire.unpack(node.handle(wire.pack(request | {"secure": True})))
+    assert not any(k.startswith("d") and k[1:].isdigit() for k in reply)
+    assert float(reply["weight"]) == 1.0 and np.all(np.isnan(reply["metrics"]))
 
 
 def _nan(reply):
@@ -189,7 +263,7 @@ def test_unsupported_settings_are_refused(world):
 
 
 def test_a_node_answers_bad_requests_with_an_error_not_a_crash(world):
-    node = world["nodes"][0]
+    node = world["nodes"](world["base"])[0]
     for request, expected in [
         (b"junk", "MalformedMessage"),
         (wire.pack({"op": "reboot"}), "unknown op"),
