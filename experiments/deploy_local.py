@@ -57,14 +57,13 @@ def main():
             summary = local.run(config, tmp)
             wall = time.perf_counter() - start
             shape = summary["deployment"]["nodes"]["0"]["feature_shape"]
-            classes = 2 if args.config in ("heart_disease", "banks_credit") else None
+            sim_config = dataclasses.replace(config, deploy=None)
+            train_data, num_classes = local.load_train_data(sim_config)
             params = server.load_params(
-                pathlib.Path(tmp) / "final_params.npz", server.init_template(config, shape, classes)
+                pathlib.Path(tmp) / "final_params.npz", server.init_template(config, shape, num_classes)
             )
         # The simulation as the config runs it (banks_credit: the real protocol on the host, the
         # same sums bit for bit as the masking simulation, and one cohort, no size buckets).
-        sim_config = dataclasses.replace(config, deploy=None)
-        train_data, num_classes = local.load_train_data(sim_config)
         sim = trainer.train(
             sim_config, train_data, trainer.build_model(sim_config.model, num_classes), progress=False
         )

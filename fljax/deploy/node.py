@@ -22,6 +22,7 @@ the simulation's cohort pads them) and ``client_id``, written by :func:`write_sh
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
 import pathlib
@@ -50,6 +51,7 @@ from fljax.secagg import messages as sa_msg
 from fljax.secagg import protocol as sa_protocol
 
 RAW = (serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+UNKNOWN_CONTEXT = "unknown CKKS context"  # the reply that asks the server for the context again
 STATELESS = ("fedavg", "fedavgm", "fedprox", "fedsgd", "fednova", "qffl", "fedadam", "fedyogi", "fedadagrad")
 """Algorithms whose client update is stateless (deployable); the others keep client state."""
 
@@ -162,6 +164,7 @@ class Node:
         self._values = None  # its encoding in Z_(2**bits)
         self._client = None  # the masking protocol's client of this round
         self._key_holder = None
+        self._he_context = None  # (SHA-256, bytes) of the CKKS public context, sent once per key
 
     # ------------------------------------------------------------------ requests
 
@@ -319,11 +322,19 @@ class Node:
     def _op_he_encrypt(self, request) -> dict:
         from fljax.secagg import he
 
+        context_id = bytes(np.asarray(wire.field(request, "context_id"), np.uint8))
+        if "public_context" in request:
+            public = wire.field(request, "public_context")
+            if hashlib.sha256(public).digest() != context_id:
+                raise wire.MalformedMessage("public_context does not match its context_id")
+            self._he_context = (context_id, public)
+        elif self._he_context is None or self._he_context[0] != context_id:
+            raise wire.MalformedMessage(f"{UNKNOWN_CONTEXT}: send the public context")
         out = self._op_encode(request)
         half = 1 << (self._bits - 1)
         signed = ((self._values.astype(np.int64) + half) % (1 << self._bits)) - half
         cts = he.encrypt(
-            wire.field(request, "public_context"),
+            self._he_context[1],
             signed,
             he.HEConfig(**_he_kwargs(request)),
             scale_bits=int(request["scale_bits"]),

@@ -46,6 +46,7 @@ line (``fljax deploy: round r: dropped client c (phase): reason``) and recorded 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import pathlib
 import secrets
@@ -69,6 +70,8 @@ from fljax.experiment import outputs, trainer
 from fljax.secagg import encoding
 from fljax.secagg import messages as sa_msg
 from fljax.secagg import protocol as sa_protocol
+
+UNKNOWN_CONTEXT = node_lib.UNKNOWN_CONTEXT
 
 Exchange = Callable[[dict[int, bytes], float], dict[int, bytes | str]]
 """``exchange({client_id: request}, timeout) -> {client_id: reply bytes, or a str saying why
@@ -152,6 +155,7 @@ class RemoteClients:
         self._signing = ed25519.Ed25519PrivateKey.generate()
         self._used_rounds: set[int] = set()
         self._he = None  # (key holder's client id, public context, server context)
+        self._has_context: set[int] = set()  # clients that hold the current public context
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -163,8 +167,9 @@ class RemoteClients:
         if self.events_path is not None:
             outputs.append_line(self.events_path, json.dumps(event) + "\n")
 
-    def _ask(self, phase: str, requests: dict[int, bytes]) -> dict[int, dict]:
-        """One message round: the parsed replies of the clients that answered well."""
+    def _ask(self, phase: str, requests: dict[int, bytes], quiet: str | None = None) -> dict[int, dict]:
+        """One message round: the parsed replies of the clients that answered well; a client
+        whose error message contains ``quiet`` is not dropped: it maps to ``quiet`` itself."""
         start = time.perf_counter()
         try:
             raw = self.exchange(requests, self.timeout) if requests else {}
@@ -189,6 +194,9 @@ class RemoteClients:
                 self.drop(c, phase, str(e))
                 continue
             if "error" in m:
+                if quiet is not None and quiet in str(m["error"]):
+                    good[c] = quiet
+                    continue
                 self.drop(c, phase, f"node error: {m['error']}")
                 continue
             good[c] = m
@@ -398,16 +406,35 @@ class RemoteClients:
                 raise sa_msg.ProtocolAbort(f"the key holder (client {holder}) did not publish a key")
             m = replies[holder]
             self._he = (holder, wire.field(m, "public_context"), wire.field(m, "server_context"))
+            self._has_context = set()
         holder, public, server_context = self._he
         he_config = he.HEConfig(poly_modulus_degree=self.he_degree, min_clients=min_clients)
         max_abs = max(sa_config.max_abs_int, sa_config.weight_levels)
         k = he_config.scale_bits(len(live), max_abs)
+        # The public context (about 260 KB at N = 8192) goes to a node once per key; later
+        # requests name it by its SHA-256. A node that no longer has it (restarted) says so and
+        # gets it again within the same message round.
+        context_id = np.frombuffer(hashlib.sha256(public).digest(), np.uint8)
         base = (
             common
             | he_fields
-            | {"op": "he_encrypt", "public_context": public, "scale_bits": k, "max_abs": max_abs}
+            | {"op": "he_encrypt", "context_id": context_id, "scale_bits": k, "max_abs": max_abs}
         )
-        replies = self._ask("he_encrypt", {c: wire.pack(base | {"slot": s}) for s, c in live.items()})
+
+        def request(c, s, send_context):
+            return wire.pack(base | {"slot": s} | ({"public_context": public} if send_context else {}))
+
+        replies = self._ask(
+            "he_encrypt",
+            {c: request(c, s, c not in self._has_context) for s, c in live.items()},
+            quiet=UNKNOWN_CONTEXT,
+        )
+        again = {c: request(c, s, True) for s, c in live.items() if replies.get(c) is UNKNOWN_CONTEXT}
+        self._has_context -= set(again)
+        replies = {c: m for c, m in replies.items() if m is not UNKNOWN_CONTEXT}
+        if again:
+            replies |= self._ask("he_encrypt", again)
+        self._has_context |= set(replies)
         cts, survivors, clipped = [], set(), 0
         slot_of = {c: s for s, c in live.items()}
         count = -(-dim // he_config.slots)

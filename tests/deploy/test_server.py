@@ -98,7 +98,15 @@ TOL = 1e-6
 @pytest.mark.parametrize("secure", [None, "he"])
 def test_deployed_run_equals_the_simulation(world, tmp_path, secure):
     config = world["base"] if secure is None else world["secure"]
-    summary, params, remote = deploy(world, tmp_path, config, secure)
+    faults = None
+    if secure == "he":  # client 2 restarts before every round: it no longer has the CKKS context
+
+        def forget(reply):
+            world["nodes"](config)[2]._he_context = None
+            return reply
+
+        faults = {(2, "train"): forget}
+    summary, params, remote = deploy(world, tmp_path, config, secure, faults=faults)
     sim = _simulated(config)
     assert max_diff(params, sim.state.params) <= TOL
     assert summary["deployment"]["dropped"] == []
@@ -113,6 +121,10 @@ def test_deployed_run_equals_the_simulation(world, tmp_path, secure):
     }
     assert phases.get(secure, {"train"}) <= set(stats[-1])
     assert all(s["train"]["bytes_sent"] > 0 for s in stats)
+    if secure == "he":  # the public context goes once per node (again to client 2 only)
+        first, second = (r["he_encrypt"]["bytes_sent"] for r in stats)
+        context = len(remote._he[1])
+        assert first > 4 * context and 1.5 * context < first - second < 3.5 * context
     info = summary["deployment"]["nodes"]
     if secure is None:
         loss = rec["client_train_loss_weighted_mean"]
