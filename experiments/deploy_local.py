@@ -72,7 +72,9 @@ def main():
             for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(sim.state.params), strict=True)
         )
         later = summary["deployment"]["rounds"][1:]
-        phases = [k for k, v in later[0].items() if isinstance(v, dict)]
+        # Training rounds only: the federated evaluation (one message round after the last
+        # round, when the nodes hold held-out data) is reported on its own.
+        phases = [k for k, v in later[0].items() if isinstance(v, dict) and k != "evaluate"]
         per = {
             ph: {
                 k: float(np.mean([r[ph][k] for r in later])) for k in ("sec", "bytes_sent", "bytes_received")

@@ -504,11 +504,85 @@ def federated_evaluate(
       >>> res = federated_evaluate(model, params, test_data, metrics=("auc",))  # doctest: +SKIP
       >>> res["auc_p10_over_clients"], res["per_client_auc"]  # doctest: +SKIP
     """
+    parts = client_parts(
+        model, params, data, loss_fn=loss_fn, metrics=metrics, num_calibration_bins=num_calibration_bins
+    )
+    out = combine_client_parts(parts, percentiles=percentiles, metrics=metrics)
+    if metrics:
+        mask, labels = np.asarray(parts["mask"]), np.asarray(parts["labels"])
+        pooled = classification_metrics(
+            parts["outputs"][mask], labels[mask], metrics=metrics, num_calibration_bins=num_calibration_bins
+        )
+        out.update({f"{name}_pooled": pooled[name] for name in _check_metric_names(metrics)})
+    return out
+
+
+def client_parts(
+    model,
+    params: Params,
+    data: FederatedData,
+    *,
+    loss_fn: losses.LossFn = losses.softmax_cross_entropy,
+    metrics: Sequence[str] = (),
+    num_calibration_bins: int = DEFAULT_NUM_CALIBRATION_BINS,
+) -> dict:
+    """What :func:`federated_evaluate` computes for each client on its own data.
+
+    Each client's part needs only that client's data, so a deployment computes it where the
+    data is (:mod:`fljax.deploy`) and the server combines the parts with
+    :func:`combine_client_parts` into the same result, the pooled metrics excepted.
+
+    Returns:
+      ``loss_sum``, ``correct`` and ``count`` (float64 ``[clients]``), and with ``metrics``
+      ``per_client_<m>`` for each (``[clients]``, or ``[clients][classes]`` for
+      ``per_class_recall``; ``nan`` for a client without data), plus the model's ``outputs``,
+      the ``mask`` and the ``labels`` of the padded cohort (for pooled metrics).
+    """
     metrics = _check_metric_names(metrics)
+    if int(np.sum(data.sizes)) == 0:  # no data at all (e.g. one client without held-out rows)
+        n = data.num_clients
+        parts = {k: np.zeros((n,), np.float64) for k in ("loss_sum", "correct", "count")}
+        for name in metrics:
+            shape = (n, data.num_classes) if name == "per_class_recall" else (n,)
+            parts[f"per_client_{name}"] = np.full(shape, np.nan)
+        return parts
     cohort = data.cohort(np.arange(data.num_clients))
     fn = _compiled_federated(as_apply(model), loss_fn, bool(metrics))
     (loss, correct, count), outputs = fn(params, cohort.data.x, cohort.data.y, cohort.data.mask)
-    loss, correct, count = (np.asarray(a, np.float64) for a in (loss, correct, count))
+    parts = {
+        k: np.asarray(a, np.float64)
+        for k, a in zip(("loss_sum", "correct", "count"), (loss, correct, count), strict=True)
+    }
+    if metrics:
+        outputs, mask, labels = np.asarray(outputs), np.asarray(cohort.data.mask), np.asarray(cohort.data.y)
+        kw = dict(metrics=metrics, num_calibration_bins=num_calibration_bins)
+        per_client = [
+            classification_metrics(outputs[c][mask[c]], labels[c][mask[c]], **kw) if mask[c].any() else None
+            for c in range(mask.shape[0])
+        ]
+        recall = [len(r["per_class_recall"]) for r in per_client if r is not None and "per_class_recall" in r]
+        num_classes = recall[0] if recall else data.num_classes
+        for name in metrics:
+            undefined = [np.nan] * num_classes if name == "per_class_recall" else np.nan
+            parts[f"per_client_{name}"] = np.array(
+                [undefined if r is None else r[name] for r in per_client], np.float64
+            )
+        parts.update(outputs=outputs, mask=mask, labels=labels)
+    return parts
+
+
+def combine_client_parts(
+    parts: dict, *, percentiles: Sequence[float] = (10, 50, 90), metrics: Sequence[str] = ()
+) -> dict:
+    """:func:`federated_evaluate`'s result, without pooled metrics, from the clients' parts.
+
+    Args:
+      parts: :func:`client_parts` of all clients (arrays in client order, e.g. concatenated
+        from several calls, one per client).
+      percentiles: percentiles across clients to report.
+      metrics: the metric names the parts were computed with.
+    """
+    loss, correct, count = (np.asarray(parts[k], np.float64) for k in ("loss_sum", "correct", "count"))
     has = count > 0
     acc = np.where(has, correct / np.maximum(count, 1), np.nan)
     per_loss = np.where(has, loss / np.maximum(count, 1), np.nan)
@@ -520,10 +594,18 @@ def federated_evaluate(
     }
     for q in percentiles:
         out[f"accuracy_p{q:g}"] = float(np.nanpercentile(acc, q))
+    metrics = _check_metric_names(metrics)
     if metrics:
-        out.update(
-            _federated_metrics(np.asarray(outputs), cohort.data, metrics, percentiles, num_calibration_bins)
-        )
+        out["per_client_num_examples"] = count.astype(np.int64).tolist()
+    for name in metrics:
+        values = np.asarray(parts[f"per_client_{name}"], np.float64)
+        if name == "per_class_recall":
+            num_defined = np.sum(~np.isnan(values), axis=0)
+            mean = np.where(num_defined > 0, np.nansum(values, axis=0) / np.maximum(num_defined, 1), np.nan)
+            out["per_client_per_class_recall"] = values.tolist()
+            out["per_class_recall_mean_over_clients"] = mean.tolist()
+        else:
+            out.update(_summarise(name, values, percentiles))
     return out
 
 

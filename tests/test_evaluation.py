@@ -280,3 +280,32 @@ def test_federated_auc_of_a_one_class_client_is_nan_and_skipped():
     rows = evaluation.per_client_table(res, ["A", "B"])
     assert [r["client"] for r in rows] == ["A", "B"]
     assert rows[1]["auc"] == res["per_client_auc"][1] and rows[0]["num_examples"] == 10
+
+
+def test_client_parts_computed_one_client_at_a_time_combine_to_the_federated_result():
+    # What a deployment does: each client evaluates on its own data, the server combines.
+    pop = helpers.population([40, 25, 0, 30])
+    params, model = helpers.params(), helpers.model()
+    metrics = evaluation.CLASSIFICATION_METRICS
+    whole = evaluation.federated_evaluate(model, params, pop, metrics=metrics)
+    parts = [
+        evaluation.client_parts(
+            model,
+            params,
+            FederatedData.from_clients([pop.client(c)], num_classes=pop.num_classes, allow_empty=True),
+            metrics=metrics,
+        )
+        for c in range(pop.num_clients)
+    ]
+    names = ["loss_sum", "correct", "count"] + [f"per_client_{m}" for m in metrics]
+    combined = evaluation.combine_client_parts(
+        {k: np.concatenate([p[k] for p in parts]) for k in names}, metrics=metrics
+    )
+    assert set(combined) == {k for k in whole if not k.endswith("_pooled")}
+    for k, v in combined.items():
+        if k == "per_client_loss":  # one client's loss sum vs the vmapped cohort's: float32 ulps
+            np.testing.assert_allclose(v, whole[k], rtol=1e-6)
+        else:  # counts are exact; per-client metrics come from the same outputs
+            np.testing.assert_allclose(v, whole[k], rtol=1e-6, atol=1e-7)
+    assert combined["weighted_accuracy"] == whole["weighted_accuracy"]
+    assert combined["per_client_num_examples"] == [40, 25, 0, 30]

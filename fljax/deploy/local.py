@@ -111,6 +111,12 @@ def load_train_data(config: cfg.Config) -> tuple[FederatedData, int]:
     return data.train, data.num_classes
 
 
+def load_data(config: cfg.Config) -> data_lib.Prepared:
+    """The experiment's data (training population, held-out splits), as ``trainer.run_once`` loads it."""
+    seed = config.data.seed if getattr(config.data, "seed", None) is not None else config.seed
+    return data_lib.load(config.data, fl_random.stream(fl_random.run_key(seed), "data"))
+
+
 def shards(config: cfg.Config, train_data: FederatedData) -> list[ClientData]:
     """Each client's data as the simulation's cohort holds it (same padding, same subset key)."""
     n = num_examples(config, train_data)
@@ -290,9 +296,11 @@ def prepare(config: cfg.Config, workdir, *, max_message_bytes: int = 64 * 2**20)
     for d in ("logs", "sockets", "shards", "app", "flwr_home"):
         (workdir / d).mkdir(parents=True, exist_ok=True)
     os.chmod(workdir / "sockets", 0o700)
-    train_data, num_classes = load_train_data(config)
+    prepared = load_data(config)
+    train_data, num_classes = prepared.train, prepared.num_classes
     for c, data in enumerate(shards(config, train_data)):
-        node_lib.write_shard(workdir / "shards" / f"client_{c}.npz", data, c, num_classes)
+        test = None if prepared.test is None else prepared.test.client(c)
+        node_lib.write_shard(workdir / "shards" / f"client_{c}.npz", data, c, num_classes, test=test)
     (workdir / "config.json").write_text(json.dumps(cfg.to_dict(config)))
     certs = certs_lib.generate(workdir / "certs")
     shutil.copyfile(

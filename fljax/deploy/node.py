@@ -7,7 +7,8 @@ from the same config, run on the node's shard with the key the server's round de
 this client), and, under secure aggregation, ``encode`` (the fixed-point encoding of its own
 update, :func:`fljax.secagg.encoding.encode`), the four steps of the masking protocol
 (:class:`fljax.secagg.protocol.Client`) and, under homomorphic encryption, ``he_encrypt``,
-plus ``he_keygen``/``he_decrypt`` on the node that holds the CKKS secret key. Under secure
+plus ``he_keygen``/``he_decrypt`` on the node that holds the CKKS secret key, and
+``evaluate`` (the federated evaluation's part of this client, on its held-out rows). Under secure
 aggregation the update never leaves the node in the clear.
 
 Flower starts one ClientApp process per message; the node's runtime is long-lived instead
@@ -39,10 +40,11 @@ import numpy as np
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from fljax import models, secagg
+from fljax import evaluation, models, secagg
 from fljax import simulation as sim
 from fljax import tree as fl_tree
 from fljax.base import ClientData, Performance
+from fljax.data import FederatedData
 from fljax.deploy import wire
 from fljax.experiment import config as cfg
 from fljax.experiment import trainer
@@ -56,10 +58,12 @@ STATELESS = ("fedavg", "fedavgm", "fedprox", "fedsgd", "fednova", "qffl", "fedad
 """Algorithms whose client update is stateless (deployable); the others keep client state."""
 
 
-def write_shard(path, data: ClientData, client_id: int, num_classes: int) -> pathlib.Path:
-    """Write one client's padded data (``x[num_examples, ...]``, ``y``, ``mask``) to ``path``."""
+def write_shard(path, data: ClientData, client_id: int, num_classes: int, test=None) -> pathlib.Path:
+    """Write one client's padded data (``x[num_examples, ...]``, ``y``, ``mask``) to ``path``,
+    and its held-out rows ``test = (x, y)`` (unpadded; possibly none) if it has a test split."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    held_out = {} if test is None else {"test_x": np.asarray(test[0]), "test_y": np.asarray(test[1])}
     np.savez(
         path,
         x=np.asarray(data.x),
@@ -67,8 +71,14 @@ def write_shard(path, data: ClientData, client_id: int, num_classes: int) -> pat
         mask=np.asarray(data.mask),
         client_id=np.int64(client_id),
         num_classes=np.int64(num_classes),
+        **held_out,
     )
     return path
+
+
+def eval_part_names(metrics) -> list[str]:
+    """The fields of a node's ``evaluate`` reply, in order."""
+    return ["loss_sum", "correct", "count"] + [f"per_client_{m}" for m in metrics]
 
 
 def deployable_dp_problem(config: cfg.Config) -> str | None:
@@ -151,6 +161,13 @@ class Node:
             self.data = ClientData(z["x"], z["y"], z["mask"])
             self.client_id = int(z["client_id"])
             num_classes = int(z["num_classes"])
+            self.test = (
+                FederatedData.from_clients(
+                    [(z["test_x"], z["test_y"])], num_classes=num_classes, allow_empty=True
+                )
+                if "test_x" in z
+                else None
+            )
         self.model = trainer.build_model(config.model, num_classes)
         update = sim.apply_performance(client_update(config, self.model), Performance(chunk_size=None))
         self._train = jax.jit(jax.vmap(update, in_axes=(None, 0, 0)))
@@ -194,6 +211,7 @@ class Node:
             "client_id": self.client_id,
             "num_examples": -1 if self.secure else int(self.data.mask.sum()),
             "padded_examples": int(self.data.mask.shape[0]),
+            "has_test": self.test is not None,
             "feature_shape": np.asarray(self.data.x.shape[1:], np.int64),
             "verify_key": self._signing.public_key().public_bytes(*RAW),
         }
@@ -253,6 +271,19 @@ class Node:
                 delta = _clipped_over_c(delta, np.float32(dp.clip_norm), dp.clip_scheme == "per_layer")
         flat = np.concatenate([np.ravel(np.asarray(a)).astype(np.float32) for a in jax.tree.leaves(delta)])
         return flat, float(weight)
+
+    def _op_evaluate(self, request) -> dict:
+        """This client's part of the federated evaluation on its held-out rows
+        (:func:`fljax.evaluation.client_parts`: loss sum, correct, count, per-client metrics)."""
+        if self.test is None:
+            raise wire.MalformedMessage("this node has no held-out data")
+        params = wire.arrays_to_tree(request, "p", self.template)
+        parts = evaluation.client_parts(self.model, params, self.test, metrics=self.config.metrics)
+        return {
+            k: np.asarray(v, np.float64)
+            for k, v in parts.items()
+            if k in eval_part_names(self.config.metrics)
+        }
 
     def _op_encode(self, request) -> dict:
         """This client's row of :func:`fljax.secagg.encoding.encode` over the cohort's slots."""

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from fljax import aggregators, models
+from fljax import aggregators, evaluation, models
 from fljax import random as fl_random
 from fljax.base import Aggregator, ClientOutput
 from fljax.data import FederatedData
@@ -89,6 +89,7 @@ class NodeInfo:
     padded_examples: int
     feature_shape: tuple[int, ...]
     verify_key: bytes
+    has_test: bool = False
 
 
 def hello(exchange: Exchange, client_ids, timeout: float, log=print) -> dict[int, NodeInfo]:
@@ -109,6 +110,7 @@ def hello(exchange: Exchange, client_ids, timeout: float, log=print) -> dict[int
                 padded_examples=int(m["padded_examples"]),
                 feature_shape=tuple(int(v) for v in m["feature_shape"]),
                 verify_key=wire.field(m, "verify_key"),
+                has_test=bool(m.get("has_test", False)),
             )
         except (ValueError, KeyError) as e:
             log(f"fljax deploy: node of client {c} not registered: {e}")
@@ -279,6 +281,51 @@ class RemoteClients:
             delta = jax.tree.map(lambda a: a[0], delta)
             return delta, weight[0], {k: v[0] for k, v in metrics.items()}
         return delta, weight, metrics
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluator(self, metrics, num_clients: int):
+        """The trainer's ``eval_fn``: every node evaluates the model on its held-out rows
+        (one message round) and the server combines their parts
+        (:func:`fljax.evaluation.combine_client_parts`) into the simulation's ``fed_*``
+        metrics, the pooled metrics excepted (they would need every example's output). A node
+        that fails counts as a client without held-out data (and is recorded as dropped)."""
+        names = node_lib.eval_part_names(metrics)
+
+        def eval_fn(params):
+            params = jax.device_get(params)
+            request = wire.pack({"op": "evaluate", **wire.tree_to_arrays(params, "p")})
+            asked = [c for c in range(num_clients) if c in self.nodes and self.nodes[c].has_test]
+            if not self.stats:
+                self.stats.append({"round": self.round})
+            replies = self._ask("evaluate", {c: request for c in asked})
+            parts = []
+            for c in range(num_clients):
+                part = None
+                if c in replies:
+                    try:
+                        part = {
+                            k: np.atleast_1d(np.asarray(wire.field(replies[c], k), np.float64)) for k in names
+                        }
+                        if any(part[k].shape[0] != 1 for k in names):
+                            raise wire.ShapeMismatch("one client's part expected")
+                    except ValueError as e:
+                        self.drop(c, "evaluate", str(e))
+                        part = None
+                parts.append(part)
+            recall = "per_client_per_class_recall"
+            width = next((p[recall].shape[1:] for p in parts if p and recall in p), ())
+            empty = {k: np.zeros((1,), np.float64) for k in ("loss_sum", "correct", "count")}
+            for m in metrics:
+                shape = (1, *width) if m == "per_class_recall" else (1,)
+                empty[f"per_client_{m}"] = np.full(shape, np.nan)
+            joined = {k: np.concatenate([(p or empty)[k] for p in parts]) for k in names}
+            if not joined["count"].sum():
+                return {}
+            fe = evaluation.combine_client_parts(joined, metrics=metrics)
+            return {f"fed_{k}": v for k, v in fe.items() if not k.startswith("per_client_loss")}
+
+        return eval_fn
 
     # ------------------------------------------------------------------ secure sums
 
@@ -530,7 +577,12 @@ def run(config: cfg.Config, out, remote: RemoteClients, *, num_clients: int, num
     outputs.write_atomic(out / "run_info.json", outputs.dumps(outputs.run_info(), indent=1))
     remote.events_path = out / "events.jsonl"
     start = time.perf_counter()
-    trained = trainer.train(config, population, model, out_dir=out, progress=False, remote=remote)
+    eval_fn = None
+    if any(n.has_test for n in remote.nodes.values()):
+        eval_fn = remote.evaluator(config.metrics, num_clients)
+    trained = trainer.train(
+        config, population, model, eval_fn=eval_fn, out_dir=out, progress=False, remote=remote
+    )
     params = jax.device_get(trained.state.params)
     np.savez(out / "final_params.npz", **wire.tree_to_arrays(params, "p"))
     summary = {

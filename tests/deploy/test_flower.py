@@ -30,11 +30,11 @@ def deployment(tmp_path_factory):
     base = cli.load_config("experiments/configs/heart_disease.py", OVERRIDES + ["rounds=2"])
     secure = dataclasses.replace(base, secagg=cfg.SecAgg())
     work = tmp_path_factory.mktemp("deploy")
-    dep, facts = local.prepare(secure, work)  # nodes read the secure config (its encoding)
     configs = {
         "plain": dataclasses.replace(base, rounds=1),
         "secagg": secure,
     }
+    dep, facts = local.prepare(configs["plain"], work)  # the nodes read the plain run's config first
     for name, c in configs.items():
         (work / f"{name}.json").write_text(json.dumps(cfg.to_dict(c)))
     dep.start_superlink()
@@ -91,7 +91,20 @@ def test_deployment_equals_the_simulation(deployment, name="plain"):
     assert summary["final"]["num_clients"] == 4
 
 
+def restart_nodes(deployment, name):
+    """Every node again, reading run ``name``'s config: a node whose config sets secagg never
+    sends its update in the clear, one without it cannot encode."""
+    dep, facts, configs, work = deployment
+    (work / "config.json").write_text(json.dumps(cfg.to_dict(configs[name])))
+    for c in list(dep.nodes):
+        dep.kill_node(c)
+    for c in range(facts["num-clients"]):
+        dep.start_node(c, fault="crash:masked" if c == CRASHER else None)
+    dep.wait_ready()
+
+
 def test_secagg_survives_a_node_killed_mid_round_which_then_rejoins(deployment):
+    restart_nodes(deployment, "secagg")
     dep = deployment[0]
     crashed = dep.nodes[CRASHER]
 

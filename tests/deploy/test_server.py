@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from fljax import evaluation
 from fljax.deploy import local, server, wire
 from fljax.deploy import node as node_lib
 from fljax.experiment import cli, trainer
@@ -26,10 +27,11 @@ OVERRIDES = ["rounds=2", "baselines=()", "repeats=1", "checkpoint_every=0", "eva
 def world(tmp_path_factory):
     base = cli.load_config("experiments/configs/heart_disease.py", OVERRIDES)
     secure = dataclasses.replace(base, secagg=cfg.SecAgg())
-    train_data, num_classes = local.load_train_data(base)
+    prepared = local.load_data(base)
+    train_data, num_classes = prepared.train, prepared.num_classes
     tmp = tmp_path_factory.mktemp("shards")
     paths = [
-        node_lib.write_shard(tmp / f"{c}.npz", d, c, num_classes)
+        node_lib.write_shard(tmp / f"{c}.npz", d, c, num_classes, test=prepared.test.client(c))
         for c, d in enumerate(local.shards(base, train_data))
     ]
 
@@ -39,7 +41,15 @@ def world(tmp_path_factory):
         return {c: node_lib.Node(config, path) for c, path in enumerate(paths)}
 
     model = trainer.build_model(base.model, num_classes)
-    return dict(base=base, secure=secure, data=train_data, num_classes=num_classes, nodes=nodes, model=model)
+    return dict(
+        base=base,
+        secure=secure,
+        data=train_data,
+        test=prepared.test,
+        num_classes=num_classes,
+        nodes=nodes,
+        model=model,
+    )
 
 
 def exchange(nodes, faults=None):
@@ -125,6 +135,17 @@ def test_deployed_run_equals_the_simulation(world, tmp_path, secure):
         first, second = (r["he_encrypt"]["bytes_sent"] for r in stats)
         context = len(remote._he[1])
         assert first > 4 * context and 1.5 * context < first - second < 3.5 * context
+    # The nodes evaluated the final model on their held-out rows: the simulation's fed_* metrics.
+    reference = evaluation.federated_evaluate(world["model"], params, world["test"], metrics=config.metrics)
+    fed = {k[4:]: v for k, v in summary["final"].items() if k.startswith("fed_")}
+    assert set(fed) == {
+        k for k in reference if not k.endswith("_pooled") and not k.startswith("per_client_loss")
+    }
+    assert fed["per_client_accuracy"] == reference["per_client_accuracy"]
+    assert fed["weighted_accuracy"] == reference["weighted_accuracy"]
+    for k, v in fed.items():
+        np.testing.assert_allclose(v, reference[k], rtol=1e-6)
+    assert stats[-1]["evaluate"]["bytes_received"] > 0 and "evaluate" not in stats[0]
     info = summary["deployment"]["nodes"]
     if secure is None:
         loss = rec["client_train_loss_weighted_mean"]
@@ -308,3 +329,15 @@ def test_a_failing_transport_drops_the_round_not_the_server(world, tmp_path):
     assert reasons == {"transport failed: ConnectionError: grid unreachable"}
     init = trainer.models.init_params(world["model"], world["data"].x.shape[1:], _init_key(world["base"]))
     assert max_diff(params, init) == 0.0
+
+
+def test_a_node_that_fails_the_evaluation_counts_as_one_without_held_out_data(world, tmp_path):
+    junk = {(1, "evaluate"): lambda r: b"\x00 not a message"}
+    summary, params, _ = deploy(world, tmp_path, world["base"], faults=junk)
+    assert [(e["client_id"], e["phase"]) for e in summary["deployment"]["dropped"]] == [(1, "evaluate")]
+    final = summary["final"]
+    assert np.isnan(final["fed_per_client_accuracy"][1])
+    others = [0, 2, 3]
+    reference = evaluation.federated_evaluate(world["model"], params, world["test"].subset(others))
+    assert [final["fed_per_client_accuracy"][c] for c in others] == reference["per_client_accuracy"]
+    assert final["fed_weighted_accuracy"] == reference["weighted_accuracy"]
