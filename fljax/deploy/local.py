@@ -3,7 +3,8 @@
 ``python -m fljax.deploy.local --config heart_disease --nodes 4 [--secure secagg|he] --out DIR``
 
 1. loads the config and its data exactly as the trainer does, and writes each client's shard
-   (:func:`shards`: the client's rows padded as the simulation's cohort pads them) to
+   (:func:`shards`: the client's rows padded as the simulation's cohort pads them, and its
+   held-out rows when the data has a per-client test split) to
    ``DIR/deploy/shards/client_<i>.npz``;
 2. generates a CA and a server certificate for ``127.0.0.1``/``localhost``
    (:mod:`fljax.deploy.certs`);
