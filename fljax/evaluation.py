@@ -555,18 +555,9 @@ def client_parts(
     }
     if metrics:
         outputs, mask, labels = np.asarray(outputs), np.asarray(cohort.data.mask), np.asarray(cohort.data.y)
-        kw = dict(metrics=metrics, num_calibration_bins=num_calibration_bins)
-        per_client = [
-            classification_metrics(outputs[c][mask[c]], labels[c][mask[c]], **kw) if mask[c].any() else None
-            for c in range(mask.shape[0])
-        ]
-        recall = [len(r["per_class_recall"]) for r in per_client if r is not None and "per_class_recall" in r]
-        num_classes = recall[0] if recall else data.num_classes
-        for name in metrics:
-            undefined = [np.nan] * num_classes if name == "per_class_recall" else np.nan
-            parts[f"per_client_{name}"] = np.array(
-                [undefined if r is None else r[name] for r in per_client], np.float64
-            )
+        parts.update(
+            _per_client_metrics(outputs, mask, labels, metrics, num_calibration_bins, data.num_classes)
+        )
         parts.update(outputs=outputs, mask=mask, labels=labels)
     return parts
 
@@ -609,30 +600,41 @@ def combine_client_parts(
     return out
 
 
-def _federated_metrics(outputs, client_data, metrics, percentiles, num_bins) -> dict:
-    mask, labels = np.asarray(client_data.mask), np.asarray(client_data.y)
+def _per_client_metrics(outputs, mask, labels, metrics, num_bins, num_classes) -> dict:
+    """``per_client_<m>`` arrays of the clients' metrics (``nan`` for a client without data)."""
     kw = dict(metrics=metrics, num_calibration_bins=num_bins)
     per_client = [
         classification_metrics(outputs[c][mask[c]], labels[c][mask[c]], **kw) if mask[c].any() else None
         for c in range(mask.shape[0])
     ]
-    pooled = classification_metrics(outputs[mask], labels[mask], **kw)
-    res: dict = {"per_client_num_examples": mask.sum(axis=1).tolist()}
+    widths = [len(r["per_class_recall"]) for r in per_client if r is not None and "per_class_recall" in r]
+    width = widths[0] if widths else num_classes
+    parts = {}
     for name in metrics:
-        if name == "per_class_recall":
-            num_classes = len(pooled[name])
-            table = np.array(
-                [r[name] if r is not None else [np.nan] * num_classes for r in per_client], np.float64
-            )
-            num_defined = np.sum(~np.isnan(table), axis=0)
-            mean = np.where(num_defined > 0, np.nansum(table, axis=0) / np.maximum(num_defined, 1), np.nan)
-            res["per_client_per_class_recall"] = table.tolist()
-            res["per_class_recall_mean_over_clients"] = mean.tolist()
-        else:
-            values = np.array([np.nan if r is None else r[name] for r in per_client], np.float64)
-            res.update(_summarise(name, values, percentiles))
-        res[f"{name}_pooled"] = pooled[name]
-    return res
+        undefined = [np.nan] * width if name == "per_class_recall" else np.nan
+        parts[f"per_client_{name}"] = np.array(
+            [undefined if r is None else r[name] for r in per_client], np.float64
+        )
+    return parts
+
+
+def _federated_metrics(outputs, client_data, metrics, percentiles, num_bins) -> dict:
+    """The ``metrics`` part of :func:`federated_evaluate` from the cohort's outputs."""
+    mask, labels = np.asarray(client_data.mask), np.asarray(client_data.y)
+    parts = _per_client_metrics(outputs, mask, labels, metrics, num_bins, None)
+    parts |= {
+        "loss_sum": np.zeros(mask.shape[0]),
+        "correct": np.zeros(mask.shape[0]),
+        "count": mask.sum(axis=1),
+    }
+    combined = combine_client_parts(parts, percentiles=percentiles, metrics=metrics)
+    res = {
+        k: v for k, v in combined.items() if k == "per_client_num_examples" or any(m in k for m in metrics)
+    }
+    pooled = classification_metrics(
+        outputs[mask], labels[mask], metrics=metrics, num_calibration_bins=num_bins
+    )
+    return res | {f"{name}_pooled": pooled[name] for name in metrics}
 
 
 def per_client_table(result: dict, client_names: Sequence[str] | None = None) -> list[dict]:
