@@ -207,7 +207,19 @@ class Custom:
     split_seed: int = field(0, SEED)
 
 
-Data = Union[HeartDisease, Images, FEMNIST, Shakespeare, Tabular, Custom]  # noqa: UP007
+@dataclasses.dataclass(frozen=True)
+class Disk:
+    """A population on disk (:mod:`fljax.data.disk`, written with ``PopulationWriter``): the
+    examples stay in the files and each round reads only its cohort's clients, so the
+    population may be larger than memory. ``test_path``: a second population with the same
+    clients' held-out rows (read into memory for the per-client evaluation; optional)."""
+
+    name: Literal["disk"] = "disk"
+    path: str | None = field(None, NONEMPTY, doc="the population directory (required)")
+    test_path: str | None = field(None, NONEMPTY, doc="held-out rows of the same clients (optional)")
+
+
+Data = Union[HeartDisease, Images, FEMNIST, Shakespeare, Tabular, Custom, Disk]  # noqa: UP007
 DATA_TYPES: tuple[type, ...] = typing.get_args(Data)
 
 

@@ -12,6 +12,7 @@ the number of classes and, when a partitioner split central data, its :func:`par
 | ``Shakespeare`` | speaking roles (first ``max_clients``) | the pooled test split |
 | ``Tabular`` | one per value of ``client_column`` (credit: or ``num_institutions`` institutions) | adult: ``adult.test`` by client; credit: each client's own rows |
 | ``Custom`` | one per value of ``client_column`` | each client's own rows |
+| ``Disk`` | a :class:`fljax.data.disk.DiskPopulation`, read per cohort | ``test_path``: the same clients' rows |
 
 A per-client row split (:func:`split_rows`) holds out ``round(test_fraction * n)`` of each
 client's ``n`` rows, drawn from ``split_seed``, and always leaves a client at least one training
@@ -60,7 +61,7 @@ import numpy as np
 
 from fljax import random as fl_random
 from fljax.analytics import profiling
-from fljax.data import partition, standardize
+from fljax.data import disk, partition, standardize
 from fljax.data.datasets import cifar10, custom, femnist, heart_disease, images, paths, shakespeare, tabular
 from fljax.data.federated import FederatedData
 from fljax.experiment import config
@@ -174,7 +175,43 @@ def load(data: config.Data, key: jax.Array) -> Prepared:
         return _tabular(data, key)
     if isinstance(data, config.Custom):
         return _custom(data)
+    if isinstance(data, config.Disk):
+        return _disk(data)
     raise config.bad("data", type(data).__name__, f"expected one of {', '.join(config.DATA_NAMES)}")
+
+
+def _open_population(key: str, path: str | None) -> disk.DiskPopulation:
+    if path is None:
+        raise _error(key, None, "a disk population needs its directory (fljax.data.disk.PopulationWriter)")
+    folder = pathlib.Path(path).expanduser()
+    if not folder.is_dir():
+        raise _error(key, path, "no such directory")
+    try:
+        population = disk.DiskPopulation.open(folder)
+    except ValueError as e:
+        raise _error(key, path, str(e)) from None
+    if population.num_classes is None:
+        raise _error(
+            key, path, "the population was written without num_classes; write it with num_classes=..."
+        )
+    return population
+
+
+def _disk(data: config.Disk) -> Prepared:
+    """A :class:`fljax.data.disk.DiskPopulation` (its clients read per cohort), and the same
+    clients' held-out rows from ``test_path`` in memory."""
+    train = _open_population("data.path", data.path)
+    test = None
+    if data.test_path is not None:
+        held_out = _open_population("data.test_path", data.test_path)
+        if held_out.num_clients != train.num_clients:
+            raise _error(
+                "data.test_path",
+                data.test_path,
+                f"{held_out.num_clients} clients, but data.path has {train.num_clients}: the same clients in the same order",
+            )
+        test = held_out.subset(range(held_out.num_clients))
+    return Prepared(train=train, test=test, central_test=None, num_classes=int(train.num_classes))
 
 
 # ----------------------------------------------------------------------------- helpers
