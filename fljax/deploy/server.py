@@ -476,9 +476,9 @@ class RemoteClients:
             {c: request(c, s, c not in self._has_context) for s, c in live.items()},
             quiet=UNKNOWN_CONTEXT,
         )
-        again = {c: request(c, s, True) for s, c in live.items() if replies.get(c) is UNKNOWN_CONTEXT}
+        again = {c: request(c, s, True) for s, c in live.items() if isinstance(replies.get(c), str)}
         self._has_context -= set(again)
-        replies = {c: m for c, m in replies.items() if m is not UNKNOWN_CONTEXT}
+        replies = {c: m for c, m in replies.items() if not isinstance(m, str)}
         if again:
             replies |= self._ask("he_encrypt", again)
         self._has_context |= set(replies)
