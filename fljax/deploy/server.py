@@ -578,7 +578,7 @@ def run(config: cfg.Config, out, remote: RemoteClients, *, num_clients: int, num
     remote.events_path = out / "events.jsonl"
     start = time.perf_counter()
     eval_fn = None
-    if any(n.has_test for n in remote.nodes.values()):
+    if (config.deploy is None or config.deploy.evaluate) and any(n.has_test for n in remote.nodes.values()):
         eval_fn = remote.evaluator(config.metrics, num_clients)
     trained = trainer.train(
         config, population, model, eval_fn=eval_fn, out_dir=out, progress=False, remote=remote

@@ -333,10 +333,13 @@ class Deploy:
     same algorithm, client update and seeds; the server holds no data. ``secure``: the secure
     sum over the network, by the masking protocol (``"secagg"``) or CKKS (``"he"``), both with
     ``secagg``'s encoding (default ``SecAgg()``). ``timeout``: seconds the server waits for
-    one message round before it drops the nodes that have not answered."""
+    one message round before it drops the nodes that have not answered. ``evaluate``: the
+    nodes evaluate the model on their held-out rows every ``eval_every`` rounds and after the
+    last (one message round each; the simulation's ``fed_*`` metrics)."""
 
     secure: Literal["none", "secagg", "he"] = "none"
     timeout: float = field(60.0, POSITIVE)
+    evaluate: bool = True
 
 
 TRAINER_PRIVACY_FIELDS = ("budget_epsilon", "reproducible", "release_unnoised_metrics")
