@@ -1,15 +1,24 @@
 """Strict JAX configuration for every test (STYLE.md).
 
 4 fake CPU devices for sharding tests, strict dtype promotion, rank promotion
-raises, key-reuse checking, warnings as errors (pyproject.toml).
+raises, key-reuse checking, warnings as errors (pyproject.toml), and a persistent
+compilation cache in ``.pytest_cache/jax``.
 """
 
 import os
+import pathlib
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache shared by the xdist workers and the subprocesses the tests start
+# (they inherit the environment): many tests compile the same programs (same model, same shapes).
+# Measured on 2 cores, tests/privacy and tests/experiment from an empty cache: 9 min 6 s -> 7 min 46 s.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", str(pathlib.Path(__file__).parents[1] / ".pytest_cache" / "jax")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 
