@@ -122,6 +122,11 @@ class Performance:
         or ``"xla"``.
       conv_layout: the matmul form's layout (``"auto"``, ``"banded"``,
         ``"channels_last"``, ``"channels_first"``).
+      skip_padding: with chunks, a chunk of padding slots only (``client_mask``
+        False) is not computed (``lax.cond``; :func:`fljax.simulation.run_clients`),
+        so a Poisson cohort padded to its Chernoff capacity costs about its sampled
+        clients; every computed client's bits are unchanged. ``False`` computes
+        every slot (to measure what skipping saves).
     """
 
     chunk_size: int | Literal["auto"] | None = "auto"
@@ -131,6 +136,7 @@ class Performance:
     accelerate: bool = True
     conv_impl: Literal["auto", "matmul", "xla"] = "auto"
     conv_layout: Literal["auto", "banded", "channels_last", "channels_first"] = "auto"
+    skip_padding: bool = True
 
     def __post_init__(self):
         c = self.chunk_size

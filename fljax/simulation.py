@@ -97,7 +97,9 @@ def auto_chunk_size(fn: Callable, *args) -> int | None:
     return max(d for d in range(1, cap + 1) if n % d == 0)
 
 
-def map_clients(fn: Callable, *args, chunk_size: ChunkSize = None) -> jax.Array:
+def map_clients(
+    fn: Callable, *args, chunk_size: ChunkSize = None, active: jax.Array | None = None
+) -> jax.Array:
     """Apply a one-client function to every client of the cohort.
 
     Args:
@@ -109,6 +111,11 @@ def map_clients(fn: Callable, *args, chunk_size: ChunkSize = None) -> jax.Array:
         each step's working set in cache; ``"auto"`` picks it with
         :func:`auto_chunk_size`. A performance setting: results are the same
         up to float reassociation.
+      active: optional ``bool[clients]``. With chunks, a chunk none of whose
+        clients is active is not computed (``lax.cond``): its outputs are
+        zeros. A padded cohort (the sampled clients first, then masked slots,
+        as :func:`fljax.data.sampling.poisson` pads them) then costs about its
+        sampled clients, and every computed chunk's bits are unchanged.
 
     Returns:
       ``fn``'s outputs stacked along a leading ``[clients]`` axis.
@@ -132,8 +139,31 @@ def map_clients(fn: Callable, *args, chunk_size: ChunkSize = None) -> jax.Array:
     if chunk_size <= 0 or n % chunk_size:
         raise ValueError(f"chunk_size {chunk_size} must be positive and divide the cohort size {n}")
     chunked = jax.tree.map(lambda a: a.reshape((n // chunk_size, chunk_size) + a.shape[1:]), args)
-    out = jax.lax.map(lambda a: vfn(*a), chunked)
+    if active is None:
+        out = jax.lax.map(lambda a: vfn(*a), chunked)
+    else:
+        if jnp.shape(active) != (n,):
+            raise ValueError(f"active must be bool[{n}] (one flag per client), got {jnp.shape(active)}")
+        shapes = jax.eval_shape(vfn, *jax.tree.map(lambda a: a[0], chunked))
+
+        def chunk(a_and_active):
+            a, act = a_and_active
+            return jax.lax.cond(jnp.any(act), lambda a: vfn(*a), lambda a: _zeros(shapes), a)
+
+        out = jax.lax.map(chunk, (chunked, jnp.reshape(active, (n // chunk_size, chunk_size))))
     return jax.tree.map(lambda a: a.reshape((n,) + a.shape[2:]), out)
+
+
+def _zeros(shapes):
+    """Zeros of ``jax.eval_shape`` output ``shapes`` (typed keys: keys of zero data)."""
+
+    def zero(s):
+        if jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key):
+            data = jax.eval_shape(jax.random.key_data, s)
+            return jax.random.wrap_key_data(jnp.zeros(data.shape, data.dtype))  # the default impl
+        return jnp.zeros(s.shape, s.dtype)
+
+    return jax.tree.map(zero, shapes)
 
 
 def shard_clients(
@@ -143,6 +173,7 @@ def shard_clients(
     *args,
     chunk_size: ChunkSize = "auto",
     axis: str = "clients",
+    active: jax.Array | None = None,
 ):
     """:func:`map_clients` with the clients spread over the devices of ``mesh``.
 
@@ -154,7 +185,8 @@ def shard_clients(
     (``XLA_FLAGS=--xla_force_host_platform_device_count=<cores>`` before jax
     starts) and pass :func:`client_mesh`: measured on the 2-core machine, the
     LeNet round runs 1.3x faster than on one device. A performance setting:
-    the same outputs up to float reassociation.
+    the same outputs up to float reassociation. ``active``: as in
+    :func:`map_clients`, per device.
 
     Raises:
       ValueError: the cohort does not divide evenly over the devices.
@@ -166,10 +198,13 @@ def shard_clients(
             f"a cohort of {n} clients does not divide over {devices} devices (mesh axis {axis!r})"
         )
     spec = jax.sharding.PartitionSpec(axis)
-
-    def local(shared, *local_args):
-        return map_clients(lambda *a: fn(shared, *a), *local_args, chunk_size=chunk_size)
-
+    if active is None:
+        local = lambda shared, *a: map_clients(lambda *b: fn(shared, *b), *a, chunk_size=chunk_size)
+    else:
+        args = (*args, active)
+        local = lambda shared, *a: map_clients(
+            lambda *b: fn(shared, *b), *a[:-1], chunk_size=chunk_size, active=a[-1]
+        )
     return jax.shard_map(
         local,
         mesh=mesh,
@@ -180,12 +215,21 @@ def shard_clients(
 
 
 MAX_PAD_FRACTION = 1 / 16
-"""Sharded rounds use fewer devices of the mesh rather than pad the cohort by more than this
-fraction (:func:`run_clients` on CPU); measured on the 2-core machine: cohort 10 in chunks of 2
-padded to 12 over 2 devices ran 0.89x as fast as one device, cohort 100 padded to 104 1.00x."""
+"""Sharded rounds that compute every slot (``Performance(skip_padding=False)``) use fewer devices
+of the mesh rather than pad the cohort by more than this fraction (:func:`run_clients` on CPU);
+measured on the 2-core machine: cohort 10 in chunks of 2 padded to 12 over 2 devices ran 0.89x
+as fast as one device, cohort 100 padded to 104 1.00x. With skipping (the default) the padding
+chunks are not computed, so every device of the mesh is used."""
 
 
-def _shard_like_one_device(fn: Callable, mesh: jax.sharding.Mesh, shared, args, chunk_size: ChunkSize):
+def _shard_like_one_device(
+    fn: Callable,
+    mesh: jax.sharding.Mesh,
+    shared,
+    args,
+    chunk_size: ChunkSize,
+    active: jax.Array | None = None,
+):
     """:func:`shard_clients` computing each client bit for bit as on one device (CPU).
 
     A client's bits depend on the width of the vmapped chunk it runs in (XLA:CPU picks kernels
@@ -199,11 +243,16 @@ def _shard_like_one_device(fn: Callable, mesh: jax.sharding.Mesh, shared, args, 
     small to gain from splitting), with ``chunk_size=None`` the devices split it. On GPU/TPU
     (no chunks, and replicating every client's output would cost memory) and over several
     processes the devices always split the cohort: equal up to float reassociation.
+
+    With ``active`` (:func:`map_clients`) the chunks are dealt to the devices in turn (chunk
+    ``j`` to device ``j % devices``), so a cohort whose sampled clients come first spreads
+    them over every device; the padding slots are inactive and skipped. Without it, the
+    devices run contiguous blocks of chunks.
     """
     if jax.default_backend() != "cpu" or jax.process_count() > 1:
         # GPU/TPU: no chunks, and replicating every output costs memory; several processes:
         # gathering every client's output in every process costs traffic. Split the cohort.
-        return shard_clients(fn, mesh, shared, *args, chunk_size=chunk_size)
+        return shard_clients(fn, mesh, shared, *args, chunk_size=chunk_size, active=active)
     n = jax.tree.leaves(args)[0].shape[0]
     devices = mesh.shape["clients"]
     chunk = auto_chunk_size(lambda *a: fn(shared, *a), *args) if chunk_size == "auto" else chunk_size
@@ -213,17 +262,24 @@ def _shard_like_one_device(fn: Callable, mesh: jax.sharding.Mesh, shared, args, 
             # (measured: the heart-disease MLP round 0.003 s on one device, 0.08 s on two).
             return map_clients(lambda *a: fn(shared, *a), *args, chunk_size=None)
         return shard_clients(fn, mesh, shared, *args, chunk_size=None)
-    while devices > 1 and (-n % (chunk * devices)) > MAX_PAD_FRACTION * n:
+    while active is None and devices > 1 and (-n % (chunk * devices)) > MAX_PAD_FRACTION * n:
         devices -= 1  # fewer devices rather than many padding slots (same result)
     if devices == 1:
-        return map_clients(lambda *a: fn(shared, *a), *args, chunk_size=chunk)
+        return map_clients(lambda *a: fn(shared, *a), *args, chunk_size=chunk, active=active)
     if devices < mesh.shape["clients"]:
         mesh = jax.sharding.Mesh(mesh.devices.reshape(-1)[:devices], ("clients",))
     pad = -n % (chunk * devices)
-    if pad:
-        index = jnp.concatenate([jnp.arange(n), jnp.zeros(pad, jnp.int32)])
+    index = np.concatenate([np.arange(n), np.zeros(pad, np.int64)])  # copies of slot 0
+    if active is not None:  # padding slots inactive (skipped); chunk j on device j % devices
+        active = jnp.concatenate([jnp.asarray(active, bool), jnp.zeros(pad, bool)])
+        per_device = (n + pad) // (chunk * devices)
+        order = np.arange(n + pad).reshape(per_device, devices, chunk).transpose(1, 0, 2).reshape(-1)
+        index, active = index[order], active[order]
+    if pad or active is not None:
         args = jax.tree.map(lambda a: a[index], args)
-    out = shard_clients(fn, mesh, shared, *args, chunk_size=chunk)
+    out = shard_clients(fn, mesh, shared, *args, chunk_size=chunk, active=active)
+    if active is not None:
+        out = jax.tree.map(lambda a: a[np.argsort(order)], out)  # back to the slots' order
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a[:n], replicated), out)
 
@@ -255,7 +311,11 @@ def run_clients(
     """Run ``client_update`` for every slot of ``cohort`` from the same ``params``.
 
     Client ``i`` gets the key ``fold_in(stream(key, "clients"), client_ids[i])``.
-    Padding slots (``client_mask`` False) get weight 0 and keep their state.
+    Padding slots (``client_mask`` False) get weight 0 and keep their state; with
+    chunks, a chunk of padding slots only is not computed (its outputs are zeros;
+    ``performance.skip_padding``), and over a mesh the chunks are dealt to the
+    devices in turn, so the sampled clients (first in a Poisson cohort) spread over
+    every device.
     ``params`` is what the server broadcasts (the model, or e.g. SCAFFOLD's
     ``(model, control)``). With ``performance.mesh`` the clients are spread over
     its devices (:func:`shard_clients`).
@@ -277,10 +337,11 @@ def run_clients(
         fn, args = update.update, (cohort.client_states, cohort.data, keys)
     else:
         fn, args = (lambda p, d, k: ((), update(p, d, k))), (cohort.data, keys)
+    active = cohort.client_mask if perf.skip_padding else None  # chunks of padding only: skipped
     if perf.mesh is None:
-        states, out = map_clients(lambda *a: fn(params, *a), *args, chunk_size=perf.chunk_size)
+        states, out = map_clients(lambda *a: fn(params, *a), *args, chunk_size=perf.chunk_size, active=active)
     else:
-        states, out = _shard_like_one_device(fn, perf.mesh, params, args, perf.chunk_size)
+        states, out = _shard_like_one_device(fn, perf.mesh, params, args, perf.chunk_size, active)
     weight = jnp.where(cohort.client_mask, out.weight, 0.0).astype(jnp.float32)
     if stateful:
         keep = lambda new, old: jnp.where(cohort.client_mask.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)

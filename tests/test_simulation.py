@@ -4,7 +4,7 @@ import numpy as np
 import optax
 import pytest
 
-from fljax import client, random, simulation
+from fljax import client, privacy, random, simulation
 from fljax.algorithms import fedavg
 from fljax.base import ClientData, Cohort, Performance
 from tests import helpers
@@ -166,3 +166,45 @@ def test_fedavg_learns_separable_task():
         state, m = update(state, pop.cohort(np.arange(6)), random.round_key(jax.random.key(0), r))
         losses.append(float(m["client_train_loss_weighted_mean"]))
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_chunks_of_inactive_clients_are_skipped_and_the_rest_unchanged():
+    x = jnp.arange(12.0)
+    active = jnp.array([True, True, True, False, False, False, False, False, True, False, False, False])
+    fn = lambda v: (v * 2.0 + 1.0, jnp.sin(v))
+    full = simulation.map_clients(fn, x, chunk_size=3)
+    skipped = simulation.map_clients(fn, x, chunk_size=3, active=active)
+    computed = np.repeat(np.asarray(active).reshape(4, 3).any(axis=1), 3)  # chunks 0 and 2
+    for a, b in zip(full, skipped, strict=True):
+        np.testing.assert_array_equal(np.asarray(b)[computed], np.asarray(a)[computed])  # bit for bit
+        np.testing.assert_array_equal(np.asarray(b)[~computed], 0.0)  # never computed
+    # an inactive slot inside a computed chunk is computed as before (the round masks it)
+    assert float(skipped[0][7]) == 15.0
+    # without chunks nothing can be skipped: one vmap of every slot
+    np.testing.assert_array_equal(simulation.map_clients(fn, x, active=active)[0], full[0])
+    with pytest.raises(ValueError, match=r"active must be bool\[12\]"):
+        simulation.map_clients(fn, x, chunk_size=3, active=active[:4])
+
+
+@pytest.mark.parametrize("devices", [1, 2, 3])
+def test_skipping_padding_chunks_changes_no_bit_of_the_round(devices):
+    # A Poisson cohort: the sampled clients first, then padding slots, in chunks of 2; with a mesh
+    # the chunks are dealt to the devices in turn. Skipping the all-padding chunks gives the
+    # round computing every slot, bit for bit, on one device or several (the model and metrics),
+    # also under DP (clipping, noise).
+    pop = helpers.population([5, 9, 3, 12, 7, 4, 6])
+    cohort = pop.cohort([0, 2, 3, 5, 6, -1, -1, -1, -1, -1], num_examples=12)  # padded over 2, 3 devices
+    mesh = None if devices == 1 else simulation.client_mesh(jax.devices()[:devices])
+    dp = privacy.DPConfig(clip_norm=0.1, noise_multiplier=1.0, population_size=7, cohort_size=4)
+    algo = fedavg.fedavg(helpers.local_sgd(), aggregator=privacy.dp(dp) if devices == 2 else None)
+    state = algo.init(helpers.params())
+    results = [
+        jax.jit(algo.with_performance(perf).update)(state, cohort, jax.random.key(5))
+        for perf in (
+            Performance(chunk_size=2, skip_padding=False),
+            Performance(chunk_size=2, mesh=mesh),
+        )
+    ]
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert float(results[1][1]["num_clients"]) == 5

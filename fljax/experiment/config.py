@@ -488,13 +488,16 @@ class Config:
         0.1, _check(lambda v: _is_number(v) and 0 <= v < 0.5, "expected a number in [0, 0.5)")
     )
     chunk_size: int | Literal["auto"] | None = field("auto", _chunk)
-    cohort_layout: Literal["padded", "compact"] = field(
-        "padded",
-        _check(lambda v: v in ("padded", "compact"), "expected 'padded' or 'compact'"),
-        doc="'compact': Poisson draws padded only to a capacity ladder (<= 1.3x the sampled "
-        "clients computed) and heavy-tailed populations in size buckets (fljax.experiment."
-        "trainer.cohort_layout); the same clients and accounting, results equal up to float "
-        "reassociation, a few more compiled shapes. 'padded': one Chernoff capacity, one shape",
+    cohort_layout: Literal["auto", "padded", "compact"] = field(
+        "auto",
+        _check(lambda v: v in ("auto", "padded", "compact"), "expected 'auto', 'padded' or 'compact'"),
+        doc="'auto': one padded shape per round (a Poisson draw padded to its Chernoff capacity, "
+        "the chunks of padding slots skipped, so about the sampled clients are computed), and "
+        "a heavy-tailed population in size buckets when a round expects at least "
+        "trainer.BUCKET_MIN_CLIENTS clients (fljax.experiment.trainer.cohort_layout). 'compact': "
+        "also Poisson draws padded to a capacity ladder and buckets at any cohort size. "
+        "'padded': one shape, no buckets. The same clients and accounting in every layout; "
+        "buckets and ladders change results by float reassociation only",
     )
     devices: int | Literal["auto"] = field(
         "auto",

@@ -321,15 +321,46 @@ class CohortLayout:
         return data.cohort(ids, client_mask=mask, num_examples=num_examples, key=key)
 
 
+BUCKET_MIN_CLIENTS = 32
+"""``cohort_layout="auto"`` puts a heavy-tailed population in size buckets only when a round
+expects at least this many clients (4 bucket lengths of :data:`BUCKET_CHUNK`): with fewer, most of
+each bucket's chunk would be padding, and every bucket shape compiles once. No shipped config
+reaches it (the heavy-tailed ones, adult, banks_credit and the Shakespeare configs, have cohorts
+of 5 and 10), so their published results are those of the one padded shape."""
+
+
+def round_clients(config: Config, dp_config, num_clients: int) -> float:
+    """The expected number of clients in a round: the (DP or plain) Poisson rate times the
+    population, the uniform cohort size, or every client."""
+    if isinstance(dp_config, privacy.DPConfig):
+        return float(dp_config.cohort_size)
+    if config.cohort.sampling == "poisson":
+        return config.cohort.q * num_clients
+    if config.cohort.sampling == "uniform":
+        return float(config.cohort.size)
+    return float(num_clients)
+
+
 def cohort_layout(config: Config, dp_config, data: FederatedData, *, stateful: bool) -> CohortLayout:
     """The :class:`CohortLayout` of a run. Capacity ladders and buckets are used where the round's
     result does not depend on its slot count: no DP, or central DP (:class:`~fljax.privacy.DPConfig`),
     and no simulated secure-aggregation dropouts (whose draws are per slot). Buckets also need an
     algorithm of :data:`BUCKET_ALGORITHMS`, a weighted or uniform mean (or DP), stateless clients,
-    the masking simulation (not the host protocol) and a heavy-tailed population. Only with
-    ``config.cohort_layout="compact"``: each new shape compiles once (measured: about 50 s for
-    the LeNet DP round on a loaded 2-core machine, so femnist_private's 50 rounds would not
-    earn back its 4 shapes), and the default keeps the one shape of the published runs."""
+    the masking simulation (not the host protocol) and a heavy-tailed population.
+
+    ``config.cohort_layout``:
+
+    - ``"auto"`` (the default): no capacity ladder. A Poisson draw keeps the one Chernoff shape,
+      and the round does not compute its chunks of padding slots
+      (:attr:`fljax.base.Performance.skip_padding`): measured, femnist_private's DP round
+      computes 20.25 slots a round instead of 59 and costs 0.38x the CPU time, bit for bit the
+      same result, where the ladder's 4 shapes cost 0.45x and 4 compilations
+      (``experiments/results/bench_padding.md``). Size buckets for a heavy-tailed population
+      whose rounds expect at least :data:`BUCKET_MIN_CLIENTS` clients (:func:`round_clients`).
+    - ``"compact"``: the ladder (:func:`fljax.data.sampling.poisson_capacities`) and buckets
+      at any cohort size; each new shape compiles once.
+    - ``"padded"``: one shape, no buckets.
+    """
     if config.cohort_layout == "padded":
         return CohortLayout()
     if not (dp_config is None or isinstance(dp_config, privacy.DPConfig)):
@@ -338,7 +369,10 @@ def cohort_layout(config: Config, dp_config, data: FederatedData, *, stateful: b
         return CohortLayout()
     n, c = data.num_clients, config.client
     capacities = None
-    if isinstance(dp_config, privacy.DPConfig):
+    if config.cohort_layout == "auto":
+        if round_clients(config, dp_config, n) < BUCKET_MIN_CLIENTS:
+            return CohortLayout()
+    elif isinstance(dp_config, privacy.DPConfig):
         if dp_config.sampling == "poisson":
             capacities = sampling.poisson_capacities(n, dp_config.cohort_size / n)
     elif config.cohort.sampling == "poisson":

@@ -200,3 +200,29 @@ def test_trainer_pads_to_ladders_and_buckets_heavy_tails(monkeypatch):
     _close(bucketed.state, padded.state)
     assert [r["round"] for r in bucketed.records] == [1, 2]
     assert bucketed.privacy["epsilon"] == padded.privacy["epsilon"]
+
+
+def test_auto_layout_buckets_heavy_tails_from_32_clients_and_never_uses_a_ladder():
+    assert experiment.Config().cohort_layout == "auto"
+    heavy = _population([1, 2, 2, 3, 3, 3, 4, 4, 5, 6, 8, 60] * 4)  # 48 clients
+    auto = dataclasses.replace(BASE, cohort_layout="auto")
+    for size, bucketed in ((trainer.BUCKET_MIN_CLIENTS - 1, False), (trainer.BUCKET_MIN_CLIENTS, True)):
+        config = dataclasses.replace(auto, cohort=experiment.Cohort(sampling="uniform", size=size))
+        assert trainer.round_clients(config, None, 48) == size
+        layout = trainer.cohort_layout(config, None, heavy, stateful=False)
+        assert (layout.plan is not None) == bucketed and layout.capacities is None
+    # Poisson: the expected cohort decides (not its Chernoff capacity); never a ladder, since
+    # the padded round skips its chunks of padding slots in one shape
+    for q, bucketed in ((0.2, False), (0.7, True)):
+        config = dataclasses.replace(auto, cohort=experiment.Cohort(sampling="poisson", q=q))
+        assert trainer.round_clients(config, None, 48) == pytest.approx(48 * q)
+        layout = trainer.cohort_layout(config, None, heavy, stateful=False)
+        assert (layout.plan is not None) == bucketed and layout.capacities is None
+    even = _population(np.full(48, 8))
+    assert trainer.cohort_layout(auto, None, even, stateful=False) == trainer.CohortLayout()
+    dp = dataclasses.replace(
+        auto, dp=experiment.DP(clip_norm=1.0, noise_multiplier=0.5, cohort_size=40, reproducible=True)
+    )
+    dp_config = experiment.config.dp_config(dp, 48)
+    assert trainer.round_clients(dp, dp_config, 48) == 40
+    assert trainer.cohort_layout(dp, dp_config, heavy, stateful=False).plan is not None
