@@ -217,3 +217,15 @@ class ApplyFn(Protocol):
     """``apply(params, x) -> outputs`` for a batch ``x`` of ``[batch, ...]``."""
 
     def __call__(self, params: Params, x: PyTree) -> jax.Array: ...
+
+
+def optimizer_update(optimizer, updates, opt_state, params=None):
+    """``optimizer.update(updates, opt_state, params)`` under jax's standard dtype promotion.
+
+    optax's transformations are written for the default (standard) promotion: Adam's and Yogi's
+    bias correction raise a Python float to the power of an int32 count, which
+    ``jax_numpy_dtype_promotion="strict"`` rejects. Every optimizer fljax applies (clients',
+    servers', Mime-lite's) goes through here, so the rounds also run under strict promotion.
+    """
+    with jax.numpy_dtype_promotion("standard"):
+        return optimizer.update(updates, opt_state, params)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from fljax import fast, losses
-from fljax.base import ApplyFn, ClientData, ClientOutput, ClientUpdate, Params, Performance
+from fljax.base import ApplyFn, ClientData, ClientOutput, ClientUpdate, Params, Performance, optimizer_update
 
 # gradient(params, x[batch, ...], y[batch], mask[batch], key) -> (grad, loss)
 GradientFn = Callable[[Params, jax.Array, jax.Array, jax.Array, jax.Array], tuple[Params, jax.Array]]
@@ -194,7 +194,7 @@ def train_locally(
             grad, loss = grad_fn(params, x, y, mask, jax.random.fold_in(step_key, step_index))
             if correct is not None:
                 grad = correct(grad, params)
-            updates, new_opt_state = optimizer.update(grad, opt_state, params)
+            updates, new_opt_state = optimizer_update(optimizer, grad, opt_state, params)
             new_params = optax.apply_updates(params, updates)
             real = jnp.any(mask)
             if step_budget is not None:

@@ -38,6 +38,7 @@ from fljax.base import (
     PyTree,
     ServerState,
     StatefulClientUpdate,
+    optimizer_update,
 )
 from fljax.data import bucketing
 
@@ -386,7 +387,7 @@ def client_metrics(out: ClientOutput) -> dict:
 
 def server_step(state: ServerState, delta: Params, server_optimizer, aggregator_state, metrics):
     """Apply the combined ``delta`` with the server optimizer; count the round."""
-    updates, opt_state = server_optimizer.update(delta, state.opt_state, state.params)
+    updates, opt_state = optimizer_update(server_optimizer, delta, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, delta_norm=optax.tree.norm(delta))
     return ServerState(params, opt_state, aggregator_state, state.round + 1), metrics

@@ -74,6 +74,7 @@ from fljax.base import (
     Performance,
     PyTree,
     StatefulClientUpdate,
+    optimizer_update,
 )
 
 StalenessFn = Callable[[jax.Array], jax.Array]
@@ -276,7 +277,7 @@ def _fedbuff(client_update, settings, staleness, aggregator, perf) -> FederatedA
         agg_state, delta, agg_metrics = agg.aggregate(
             state.aggregator_state, deltas, weights, fl_random.stream(key, "aggregate")
         )
-        updates, opt_state = optimizer.update(delta, state.opt_state, state.params)
+        updates, opt_state = optimizer_update(optimizer, delta, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jnp.where(any_arrived, new, old)
         new_state = FedBuffState(

@@ -47,6 +47,7 @@ from fljax.base import (
     Params,
     Performance,
     ServerState,
+    optimizer_update,
 )
 
 NORMALIZER = "normalizer"
@@ -214,7 +215,7 @@ def _fednova(client_update, server_learning_rate, aggregator, perf) -> Federated
         wsum = jnp.sum(w)
         tau_eff = jnp.where(wsum > 0, jnp.sum(w * out.metrics[NORMALIZER]) / jnp.maximum(wsum, 1e-30), 0.0)
         delta = jax.tree.map(lambda x: x * tau_eff.astype(x.dtype), d)
-        updates, opt_state = optimizer.update(delta, state.opt_state, state.params)
+        updates, opt_state = optimizer_update(optimizer, delta, state.opt_state, state.params)
         metrics = (
             simulation.client_metrics(out)
             | metrics

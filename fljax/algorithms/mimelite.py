@@ -48,6 +48,7 @@ from fljax.base import (
     Params,
     Performance,
     ServerState,
+    optimizer_update,
 )
 
 
@@ -55,7 +56,7 @@ def frozen(optimizer: optax.GradientTransformation, state) -> optax.GradientTran
     """``optimizer``'s updates from the fixed ``state``; its own state is empty and never changes."""
 
     def update(grads, empty, params=None):
-        updates, _ = optimizer.update(grads, state, params)
+        updates, _ = optimizer_update(optimizer, grads, state, params)
         return updates, empty
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
@@ -199,7 +200,7 @@ def _mimelite(client_update, server_learning_rate, aggregator, perf) -> Federate
         agg_state, (delta, grad), metrics = agg.aggregate(
             state.aggregator_state, out.delta, out.weight, fl_random.stream(key, "aggregate")
         )
-        _, opt_state = optimizer.update(grad, state.opt_state, state.params)
+        _, opt_state = optimizer_update(optimizer, grad, state.opt_state, state.params)
         params = jax.tree.map(lambda p, d: p - server_learning_rate * d, state.params, delta)
         metrics = simulation.client_metrics(out) | metrics
         metrics |= {"delta_norm": optax.tree.norm(delta), "full_grad_norm": optax.tree.norm(grad)}

@@ -45,6 +45,7 @@ from fljax.base import (
     Params,
     Performance,
     ServerState,
+    optimizer_update,
 )
 
 
@@ -173,7 +174,7 @@ def _qffl(client_update, aggregator, perf) -> FederatedAlgorithm:
         )
         scale = jnp.where(h > 0, 1.0 / jnp.maximum(h, 1e-30), 0.0)
         delta = jax.tree.map(lambda x: x * scale.astype(x.dtype), num)
-        updates, opt_state = optimizer.update(delta, state.opt_state, state.params)
+        updates, opt_state = optimizer_update(optimizer, delta, state.opt_state, state.params)
         present = out.weight > 0
         count = jnp.maximum(jnp.sum(present), 1).astype(jnp.float32)
         f = jnp.where(present, out.metrics["start_loss"], 0.0)

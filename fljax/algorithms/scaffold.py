@@ -34,6 +34,7 @@ from fljax.base import (
     Performance,
     PyTree,
     StatefulClientUpdate,
+    optimizer_update,
 )
 
 
@@ -167,7 +168,7 @@ def _scaffold(client_update, population_size, server_learning_rate, aggregator, 
         agg_state, (dx, dc), metrics = agg.aggregate(
             state.aggregator_state, out.delta, out.weight, fl_random.stream(key, "aggregate")
         )
-        updates, opt_state = optimizer.update(dx, state.opt_state, state.params)
+        updates, opt_state = optimizer_update(optimizer, dx, state.opt_state, state.params)
         participating = jnp.sum(out.weight > 0).astype(jnp.float32)
         frac = participating / jnp.float32(population_size)
         control = jax.tree.map(lambda c, d: c + d * frac.astype(d.dtype), state.control, dc)

@@ -1,6 +1,5 @@
 """Every algorithm through the same checks, plus the equivalences between them."""
 
-import contextlib
 import functools
 
 import jax
@@ -88,7 +87,6 @@ POP_SIZES = [6, 3, 9, 5]
 # optax's Adam-family bias correction mixes its int32 step count with Python
 # floats, which jax's strict dtype-promotion mode (tests/conftest.py) rejects;
 # those server optimizers run under standard promotion.
-STANDARD_PROMOTION = {"fedadam", "fedyogi"}
 
 
 @functools.cache
@@ -102,24 +100,18 @@ def _round(algo_or_name, ids, key, rounds=1):
         algo, update = _jitted(algo_or_name)
     else:
         algo, update = algo_or_name, jax.jit(algo_or_name.update)
-    ctx = (
-        jax.numpy_dtype_promotion("standard")
-        if algo_or_name in STANDARD_PROMOTION
-        else contextlib.nullcontext()
-    )
     pop = helpers.population(POP_SIZES)
     states = None
     if algo_or_name in STATEFUL:
         states = ClientStates(STATEFUL[algo_or_name]().init(helpers.params()), pop.num_clients)
-    with ctx:
-        state = algo.init(helpers.params())
-        for r in range(rounds):
-            cohort = pop.cohort(ids, num_examples=9)
-            if states is not None:
-                cohort = states.attach(cohort)
-            state, metrics = update(state, cohort, jax.random.fold_in(key, r))
-            if states is not None:
-                state = states.scatter(cohort, state)
+    state = algo.init(helpers.params())
+    for r in range(rounds):
+        cohort = pop.cohort(ids, num_examples=9)
+        if states is not None:
+            cohort = states.attach(cohort)
+        state, metrics = update(state, cohort, jax.random.fold_in(key, r))
+        if states is not None:
+            state = states.scatter(cohort, state)
     return state, metrics
 
 
@@ -248,11 +240,9 @@ def test_one_shape_and_performance_given_once(name):
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[1:])
     assert params[-1].name == "aggregator" and params[-1].default is None
     assert not {"chunk_size", "mesh", "unroll", "compute_dtype", "performance"} & {p.name for p in params}
-    ctx = jax.numpy_dtype_promotion("standard") if name in STANDARD_PROMOTION else contextlib.nullcontext()
-    with ctx:
-        a, _ = _round(name, [0, 1, 2, 3], jax.random.key(0))
-        other = algo.with_performance(Performance(chunk_size=2, unroll=2, accelerate=False))
-        if name in STATEFUL:
-            return  # its rounds need client states; covered by tests/algorithms/test_scaffold.py
-        b, _ = _round(other, [0, 1, 2, 3], jax.random.key(0))
+    a, _ = _round(name, [0, 1, 2, 3], jax.random.key(0))  # strict dtype promotion, every algorithm
+    other = algo.with_performance(Performance(chunk_size=2, unroll=2, accelerate=False))
+    if name in STATEFUL:
+        return  # its rounds need client states; covered by tests/algorithms/test_scaffold.py
+    b, _ = _round(other, [0, 1, 2, 3], jax.random.key(0))
     helpers.assert_trees_close(a.params, b.params, rtol=1e-5, atol=1e-6)
