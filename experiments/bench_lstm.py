@@ -396,7 +396,11 @@ def main(argv=None) -> int:
     parser.add_argument("--layouts", default="bucketed", help=f"comma list of {LAYOUTS}")
     parser.add_argument("--num-buckets", type=int, default=4, help="bucketed layout: size buckets")
     parser.add_argument(
-        "--slots", type=int, default=0, help="bucketed layout: clients per call (0: cohort/10)"
+        "--slots",
+        type=int,
+        default=0,
+        help="bucketed layout: clients per call (0: cohort/10 rounded down to a multiple of the "
+        "devices, at least one per device)",
     )
     parser.add_argument(
         "--chunk-size", default="auto", help="clients per vmapped chunk: 'auto', an int, or 0 for none"
@@ -474,7 +478,8 @@ def main(argv=None) -> int:
             raise ValueError(f"cohort must be in [1, {len(sizes)}], got {cohort_size}")
         picked = np.sort(rng.choice(len(sizes), cohort_size, replace=False))
         data = make_population(capped[picked], seq_len, args.vocab, args.seed + cohort_size)
-        slots = args.slots or max(1, cohort_size // 10)
+        devices = 1 if args.mesh is None else args.mesh.size
+        slots = args.slots or devices * max(1, cohort_size // (10 * devices))  # whole rows of devices
         torch_sec = bench_torch(args, data, cohort_size)
         for formulation in formulations:
             for layout in layouts:
