@@ -394,7 +394,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds (after one warm-up)")
     parser.add_argument("--formulations", default="fused", help=f"comma list of {FORMULATIONS}")
     parser.add_argument("--layouts", default="bucketed", help=f"comma list of {LAYOUTS}")
-    parser.add_argument("--num-buckets", type=int, default=4, help="bucketed layout: size buckets")
+    parser.add_argument("--num-buckets", type=int, default=8, help="bucketed layout: size buckets")
     parser.add_argument(
         "--slots",
         type=int,
