@@ -4,12 +4,19 @@ Usage::
 
     python experiments/run.py --config heart_disease [--set a.b=value ...] [--out DIR]
                               [--resume | --overwrite] [--no-progress]
+                              [--processes N [--devices-per-process K] | --distributed]
 
 ``--config`` is a config name (a file of ``experiments/configs/``) or a path to a Python file
 defining ``get_config() -> fljax.experiment.Config``. ``--set`` overrides are type-checked
 against the config types. A bad config, override or value, or an output folder that cannot be
 used, ends the process with exit code 2 and one line on stderr, before anything is trained;
 other errors are bugs and keep their traceback.
+
+Several processes (``docs/distributed.md``): ``--processes N`` starts N local processes of one
+``jax.distributed`` job on this machine (a test of the multi-host program); under a cluster's
+launcher (``srun``, ``mpirun``, a TPU pod slice), start the command in every process with
+``--distributed``. Each round is then sharded over every device of every process, and only
+process 0 writes the output folder (which must be shared between hosts).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import sys
 
 import jax
 
+from fljax import distributed
 from fljax.experiment import config as cfg
 from fljax.experiment import trainer
 from fljax.experiment.config import Config, ConfigError
@@ -108,11 +116,73 @@ def one_device_per_core() -> int:
     return jax.config.jax_num_cpu_devices
 
 
+def _job_args(argv):
+    """``(job options, the other arguments)``: ``--processes``, ``--devices-per-process`` and
+    ``--distributed`` are read before jax starts."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--processes", type=int, default=None)
+    pre.add_argument("--devices-per-process", type=int, default=None)
+    pre.add_argument("--distributed", action="store_true")
+    return pre.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+
+
+def launch(argv, processes: int, devices: int | None, configs_dir, runs_dir) -> dict:
+    """``--processes N``: this command line as N local processes of one jax.distributed job
+    (:func:`fljax.distributed.launch_local`, ``--distributed`` added), each with ``devices`` CPU
+    devices (default: the cores shared out); prints their output, process 0's first. Returns
+    ``{"processes": [exit codes]}``; exits with the first non-zero code."""
+    if processes < 1:
+        _fail(f"error: --processes must be >= 1, got {processes} (see --help)")
+    devices = devices or max(1, (os.cpu_count() or 1) // processes)
+    if devices < 1:
+        _fail(f"error: --devices-per-process must be >= 1, got {devices} (see --help)")
+    code = (
+        "import pathlib, sys\n"
+        "from fljax.experiment.cli import main\n"
+        f"main(sys.argv[1:], configs_dir={_path(configs_dir)}, runs_dir={_path(runs_dir)})\n"
+    )
+    flags = " ".join(  # the device count is --devices-per-process's, not an inherited one
+        f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f
+    )
+    done = distributed.launch_local(
+        ["-c", code, *argv, "--distributed"], processes, local_device_count=devices, env={"XLA_FLAGS": flags}
+    )
+    for i, p in enumerate(done):
+        if processes > 1:
+            print(f"--- process {i} of {processes} (exit {p.returncode})", flush=True)
+        sys.stdout.write(p.stdout)
+        sys.stderr.write(p.stderr)
+    codes = [p.returncode for p in done]
+    failed = next((c for c in codes if c), 0)
+    if failed:
+        raise SystemExit(failed if failed > 0 else 1)
+    return {"processes": codes}
+
+
+def _path(p) -> str:
+    return "None" if p is None else f"pathlib.Path({str(pathlib.Path(p).resolve())!r})"
+
+
 def main(argv=None, *, configs_dir: pathlib.Path | None = None, runs_dir: pathlib.Path | None = None) -> dict:
     """The command line; returns the run's summary. Exit code 2 and one line on stderr for a
     bad config, override, argument or output folder. Starts jax with one CPU device per core
-    (:func:`one_device_per_core`)."""
-    one_device_per_core()
+    (:func:`one_device_per_core`), or joins a ``jax.distributed`` job (``--distributed``), or
+    starts one on this machine (``--processes N``: :func:`launch`)."""
+    job, rest = _job_args(argv)
+    if job.processes is not None:
+        if job.distributed:
+            _fail(
+                "error: --processes starts the job's processes itself; --distributed is for a cluster's launcher"
+            )
+        return launch(rest, job.processes, job.devices_per_process, configs_dir, runs_dir)
+    if job.distributed:
+        try:
+            distributed.initialize()  # from JAX_* variables or the cluster's environment
+        except ValueError as e:
+            _fail("error: --distributed: " + " ".join(str(e).splitlines()))
+    else:
+        one_device_per_core()
+    argv = rest
     try:
         return _main(argv, configs_dir, runs_dir)
     except ConfigError as e:
@@ -152,6 +222,20 @@ def _main(argv, configs_dir, runs_dir) -> dict:
         "--overwrite", action="store_true", help="delete the results of an earlier run in --out first"
     )
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="run as N local processes of one jax.distributed job (docs/distributed.md)",
+    )
+    parser.add_argument(
+        "--devices-per-process", type=int, metavar="K", help="with --processes: CPU devices each"
+    )
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join the jax.distributed job a cluster's launcher started (srun, mpirun, TPU pod)",
+    )
     args = parser.parse_args(argv)
     config = load_config(args.config, args.set, configs_dir)
     out = pathlib.Path(args.out) if args.out else (runs_dir or pathlib.Path("runs")) / config.name

@@ -25,6 +25,11 @@ recomputes them: metrics and state equal those of an uninterrupted run bit for b
 are re-derived from the seed). A damaged latest checkpoint is reported in one ``fljax:
 warning:`` line on stderr and the previous one is used.
 
+Several processes (``jax.distributed``, :func:`multi_process`): every process runs the same
+rounds over a mesh of every device of every process and gathers only its own clients; only
+process 0 writes files; private runs share process 0's secret key; the processes' models are
+compared (a digest) before each checkpoint and at the end (``docs/distributed.md``).
+
 Errors: a bad config or value raises :class:`~fljax.experiment.config.ConfigError` before
 anything is trained; a folder that cannot be used raises :class:`RunFolderError`. The command
 line prints either as one line and exits with code 2.
@@ -51,6 +56,7 @@ from fljax import (
     aggregators,
     checkpoint,
     client,
+    distributed,
     evaluation,
     models,
     personalization,
@@ -186,6 +192,15 @@ def round_devices(devices) -> int:
       ConfigError: more devices asked for than jax sees.
     """
     available = jax.device_count()
+    if multi_process():
+        if devices not in ("auto", available):
+            raise cfg.bad(
+                "devices",
+                devices,
+                f"a run over {jax.process_count()} processes spreads its clients over every device of "
+                f"every process ({available}); use 'auto'",
+            )
+        return available
     if devices == "auto":
         cores = os.cpu_count() or 1
         return min(available, cores) if jax.default_backend() == "cpu" else available
@@ -201,9 +216,50 @@ def round_devices(devices) -> int:
 
 
 def device_mesh(config: Config):
-    """The clients mesh of a round (None: one device), see :func:`round_devices`."""
+    """The clients mesh of a round (None: one device), see :func:`round_devices`; over several
+    processes, every device of every process (:func:`fljax.distributed.client_mesh`)."""
     n = round_devices(config.devices)
+    if multi_process():
+        return distributed.client_mesh()
     return None if n == 1 else simulation.client_mesh(jax.devices()[:n])
+
+
+def multi_process() -> bool:
+    """Whether this run is one of several processes of a ``jax.distributed`` job
+    (``experiments/run.py --processes N`` on one machine, or ``--distributed`` under a cluster's
+    launcher): each round is then sharded over every device of every process, each process
+    gathers only its own clients' data, and only process 0 writes files
+    (``docs/distributed.md``)."""
+    return jax.process_count() > 1
+
+
+def _sync(name: str) -> None:
+    """A barrier across the job's processes (nothing with one process)."""
+    if multi_process():
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"fljax:{name}")
+
+
+def _same_everywhere(state) -> None:
+    """Raise unless every process holds the same ``state`` bit for bit (checked before each
+    checkpoint and at the end of a multi-process run: the same cohorts, keys and noise)."""
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(bytes.fromhex(checkpoint.digest(distributed.to_host(state))), np.uint8)
+    multihost_utils.assert_equal(digest, "fljax: the processes of this run hold different models")
+
+
+def _shared_secret_key() -> jax.Array:
+    """:func:`fljax.random.secret_key`, the SAME in every process: drawn by process 0 and sent to
+    the others, so that all sample the same cohorts and add the same noise to the replicated sum."""
+    key = fl_random.secret_key()
+    if not multi_process():
+        return key
+    from jax.experimental import multihost_utils
+
+    data = multihost_utils.broadcast_one_to_all(np.asarray(jax.random.key_data(key)))
+    return jax.random.wrap_key_data(np.asarray(data, np.uint32), impl="threefry2x32")
 
 
 def pad_slots(ids: np.ndarray, mask: np.ndarray, multiple: int) -> tuple[np.ndarray, np.ndarray]:
@@ -310,14 +366,22 @@ class CohortLayout:
     plan: bucketing.Plan | None = None
     bucket_capacities: tuple[int, ...] | None = None
 
-    def cohort(self, data: FederatedData, ids, mask, num_examples: int, devices: int, key: jax.Array):
-        """The round's cohort: a :class:`~fljax.base.Cohort`, or a tuple of size buckets."""
+    def cohort(
+        self, data: FederatedData, ids, mask, num_examples: int, devices: int, key: jax.Array, mesh=None
+    ):
+        """The round's cohort: a :class:`~fljax.base.Cohort`, or a tuple of size buckets. Over
+        several processes (``mesh`` from :func:`device_mesh`), the global cohort of which this
+        process gathered only its own slots (:func:`fljax.distributed.gather_cohort`)."""
         if self.plan is not None:
             caps = self.bucket_capacities
             return tuple(bucketing.gather(data, ids, mask, self.plan, capacities=caps, key=key))
         if self.capacities is not None:
             ids, mask = sampling.to_capacity(ids, mask, self.capacities)
         ids, mask = pad_slots(ids, mask, devices)
+        if multi_process():
+            return distributed.gather_cohort(
+                data, ids, mesh=mesh, client_mask=mask, num_examples=num_examples, key=key
+            )
         return data.cohort(ids, client_mask=mask, num_examples=num_examples, key=key)
 
 
@@ -379,6 +443,7 @@ def cohort_layout(config: Config, dp_config, data: FederatedData, *, stateful: b
         capacities = sampling.poisson_capacities(n, config.cohort.q, config.cohort.max_size)
     bucketed = (
         config.server.algorithm in BUCKET_ALGORITHMS
+        and not multi_process()  # a multi-process round takes one cohort
         and not stateful
         and config.aggregator in (None, "weighted_mean", "uniform_mean")
         and not config.secagg_protocol
@@ -430,7 +495,11 @@ def _compiled_round(config: Config, model, dp_config=None, num_clients: int = 0,
     )
     if key not in _ROUNDS:
         algo = build_algorithm(config, model, dp_config, num_clients, audit)
-        _ROUNDS[key] = (algo, jax.jit(algo.update))
+        if multi_process():  # global mesh; state and key replicated, outputs replicated
+            step = distributed.jit_round(algo, device_mesh(config), Performance(chunk_size=config.chunk_size))
+        else:
+            step = jax.jit(algo.update)
+        _ROUNDS[key] = (algo, step)
     return _ROUNDS[key]
 
 
@@ -511,12 +580,26 @@ def train(
     # Under DP the round keys (cohort sampling, noise) come from a secret key unless the config
     # asks for a reproducible simulation: anyone with a public seed could regenerate the noise.
     secret = dp_config is not None and not section.reproducible
-    loop_key = fl_random.secret_key() if secret else None
+    loop_key = _shared_secret_key() if secret else None
     audit = _audit(config, dp_config, run_key)
     algo, update = _compiled_round(config, model, dp_config, train_data.num_clients, audit, remote)
     devices = round_devices(config.devices)
     state = algo.init(params)
     states = build_client_states(config, model, params, train_data.num_clients)  # stateful clients, host
+    multi, writes = multi_process(), distributed.is_writer()
+    if multi and states is not None:
+        raise cfg.bad(
+            "server.algorithm",
+            config.server.algorithm,
+            "its clients keep state between rounds, which a run over several processes does not "
+            "support yet; run it in one process (one device per core)",
+        )
+    if multi and config.secagg_protocol:
+        raise cfg.bad(
+            "secagg_protocol", True, "the host protocol runs in one process; use the masking simulation"
+        )
+    mesh = device_mesh(config) if multi else None
+    to_host = distributed.to_host if multi else jax.device_get
     layout = cohort_layout(config, dp_config, train_data, stateful=states is not None)
     if layout.plan is not None:  # heavy-tailed: size buckets, one jitted call per bucket
         update = bucketed_round(config, algo)
@@ -527,7 +610,9 @@ def train(
     if out_dir is not None:
         pathlib.Path(out_dir).mkdir(parents=True, exist_ok=True)
         if resume:
-            start, restored, records = _resume(ckpt_dir, metrics_path, bundle(), ledger, secret=secret)
+            start, restored, records = _resume(
+                ckpt_dir, metrics_path, bundle(), ledger, secret=secret, writes=writes
+            )
             if states is None:
                 state = restored
             else:
@@ -537,15 +622,17 @@ def train(
             raise FileExistsError(
                 f"{out_dir} holds metrics or checkpoints of an earlier run; pass resume=True"
             )
-        else:
+        elif writes:
             outputs.write_atomic(metrics_path, "")
     # Pad to a multiple of 4 batches so that populations of similar sizes (other
     # splits, other clients) share one compiled round; padding is a no-op.
     multiple = 4 * config.client.batch_size
     num_examples = -(-int(train_data.sizes.max()) // multiple) * multiple
     rounds, every, ck_every = config.rounds, config.eval_every, config.checkpoint_every
-    bar = outputs.Progress(rounds, start, desc=desc, enabled=progress, every_line=out_dir is not None)
-    writer = outputs.tensorboard_writer(out_dir, start)
+    bar = outputs.Progress(
+        rounds, start, desc=desc, enabled=progress and writes, every_line=out_dir is not None
+    )
+    writer = outputs.tensorboard_writer(out_dir, start) if writes else None
     stopped, done, saved = None, start, start
     target = config.stop_at_accuracy
     reached_round = next((r["round"] for r in records if reached(r, target)), None)  # a resumed run
@@ -554,6 +641,8 @@ def train(
         extra = {"round": done, "epsilon": None if ledger is None else ledger.epsilon()}
         if ledger is not None:
             extra["dp_rounds_accounted"] = ledger.rounds
+        if multi:
+            _same_everywhere(state)
         with _crash_hook("save", done):
             checkpoint.save(ckpt_dir, done, bundle(), extra)
 
@@ -580,25 +669,25 @@ def train(
         else:
             ids, mask = sample_cohort(config.cohort, sample_key, train_data.num_clients)
         cohort = layout.cohort(
-            train_data, ids, mask, num_examples, devices, key=fl_random.stream(run_key, "data")
+            train_data, ids, mask, num_examples, devices, key=fl_random.stream(run_key, "data"), mesh=mesh
         )
         if states is not None:
             cohort = states.attach(cohort)
         state, m = update(state, cohort, rkey)
         if states is not None:
             state = states.scatter(cohort, state)
-        record = {"round": r + 1, **{k: float(v) for k, v in jax.device_get(m).items()}}
+        record = {"round": r + 1, **{k: float(v) for k, v in to_host(m).items()}}
         if ledger is not None:
             record = _released(record, section)
             record["epsilon"] = ledger.step(1)
         record["round_sec"] = time.perf_counter() - t0
         if eval_fn is not None and ((r + 1) % every == 0 or r + 1 == rounds):
-            record.update(eval_fn(state.params))
+            record.update(eval_fn(to_host(state.params) if multi else state.params))
         records.append(record)
         done = r + 1
         if reached(record, target):
             reached_round = done
-        if metrics_path is not None:
+        if metrics_path is not None and writes:
             outputs.append_line(
                 metrics_path, outputs.dumps(record) + "\n", crash=_crash_point("metrics", done)
             )
@@ -612,6 +701,9 @@ def train(
         writer.close()
     if ckpt_dir is not None and ck_every and saved != done:  # stopped by the budget or the target
         save()
+    if multi:
+        state = to_host(state)
+        _same_everywhere(state)
     spent = {"epsilon": float("inf"), "note": "no differential privacy configured"}
     if ledger is not None:
         spent = ledger.summary() | {"stopped": stopped} | _privacy_labels(section, records)
@@ -654,7 +746,15 @@ def _audit(config: Config, dp_config, run_key: jax.Array):
     return audit_config, fl_random.stream(run_key, "audit")
 
 
-def _resume(ckpt_dir: pathlib.Path, metrics_path: pathlib.Path, state, ledger, *, secret: bool = False):
+def _resume(
+    ckpt_dir: pathlib.Path,
+    metrics_path: pathlib.Path,
+    state,
+    ledger,
+    *,
+    secret: bool = False,
+    writes: bool = True,
+):
     """(start round, state, records) to continue a run from; tidies its folder to match.
 
     The start is the newest readable checkpoint whose rounds all have a complete metrics line;
@@ -665,6 +765,9 @@ def _resume(ckpt_dir: pathlib.Path, metrics_path: pathlib.Path, state, ledger, *
     With secret noise (``secret``), the rounds recomputed here were already run once with
     another noise draw whose outputs may have been seen (their metrics lines): the ledger
     counts them again, so epsilon never under-reports what was released.
+
+    Over several processes every process reads and restores; after all have read, only the
+    writer (``writes``) rewrites the metrics, and orbax deletes the later checkpoints once.
     """
     rows, dropped = _read_metrics(metrics_path)
     found = checkpoint.restore_latest(
@@ -686,10 +789,15 @@ def _resume(ckpt_dir: pathlib.Path, metrics_path: pathlib.Path, state, ledger, *
             _note(
                 f"secret noise: the {rerun} recomputed round(s) are accounted again (epsilon {ledger.epsilon():.4g})"
             )
+    _sync("resume-read")
     # Rows first: once they end at ``start``, a kill while deleting never makes later
     # checkpoints candidates again.
-    outputs.write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows[:start]))
-    later = checkpoint.delete_after(ckpt_dir, start)
+    if writes:
+        outputs.write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows[:start]))
+    _sync("resume-rows")
+    later = checkpoint.delete_after(ckpt_dir, start)  # every process: orbax's manager is collective
+    if not writes:
+        return start, state, rows[:start]
     if start or rows or later or dropped:
         redo = sorted({*range(start + 1, len(rows) + 1), *later})
         _note(
@@ -843,7 +951,7 @@ def run_once(
     train_data = data.train
     model = build_model(config.model, data.num_classes)
     names = list(train_data.client_names or [f"client {i}" for i in range(train_data.num_clients)])
-    if verbose:
+    if verbose and distributed.is_writer():
         print(
             f"fljax: {config.name}: {train_data.num_clients} clients, {len(train_data.y)} training "
             f"examples, {config.rounds} rounds -> {out}",
@@ -870,9 +978,10 @@ def run_once(
     table = None
     if config.baselines:
         table = _baselines(config, data, model, names, records, progress, trained.state.params)
-    outputs.write_atomic(
-        out / "summary.json", outputs.dumps(summary | {"per_client_test_accuracy": table}, indent=1)
-    )
+    if distributed.is_writer():
+        outputs.write_atomic(
+            out / "summary.json", outputs.dumps(summary | {"per_client_test_accuracy": table}, indent=1)
+        )
     return {"summary": summary, "records": records, "table": table}
 
 
@@ -1088,21 +1197,36 @@ def run(
         from fljax.deploy import local
 
         return local.run(config, out)
+    if multi_process() and config.baselines:
+        raise cfg.bad(
+            "baselines",
+            config.baselines,
+            "expected () in a run over several processes (the baselines train in one process: run "
+            "them separately)",
+        )
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    lock = _lock(out)
+    writes = distributed.is_writer()  # over several processes only process 0 writes files
+    lock = _lock(out) if writes else None
     try:
         previous = _check_out(out, config, resume=resume, overwrite=overwrite)
-        if overwrite:
+        _sync("checked")  # every process has looked at the folder before process 0 changes it
+        if overwrite and writes:
             _clear(out)
-        info = outputs.run_info() | {"round_devices": round_devices(config.devices)}
+        info = outputs.run_info() | {
+            "round_devices": round_devices(config.devices),
+            "processes": jax.process_count(),
+        }
         if resume and previous is not None:  # keep the first run's facts, add this one's
             info = previous | {"resumed": [*previous.get("resumed", []), info]}
-        outputs.write_atomic(out / "config.json", outputs.dumps(cfg.to_dict(config), indent=1))
-        outputs.write_atomic(out / "run_info.json", outputs.dumps(info, indent=1))
+        if writes:
+            outputs.write_atomic(out / "config.json", outputs.dumps(cfg.to_dict(config), indent=1))
+            outputs.write_atomic(out / "run_info.json", outputs.dumps(info, indent=1))
+        _sync("prepared")
         return _run_repeats(config, out, resume=resume, progress=progress, data=data)
     finally:
-        os.close(lock)  # releases the lock
+        if lock is not None:
+            os.close(lock)  # releases the lock
 
 
 def _results(out: pathlib.Path, names=RESULTS) -> list[str]:
@@ -1217,7 +1341,7 @@ def _run_repeats(config: Config, out: pathlib.Path, *, resume: bool, progress: b
     for i in range(config.repeats):
         run_out = out if i == 0 else out / "repeats" / str(i)
         run_out.mkdir(parents=True, exist_ok=True)
-        if config.repeats > 1:
+        if config.repeats > 1 and distributed.is_writer():
             print(f"repeat {i + 1}/{config.repeats} (seed {config.seed + i})", flush=True)
         result = run_once(
             repeat_config(config, i), run_out, resume=resume, progress=progress, verbose=(i == 0), data=data
@@ -1252,6 +1376,8 @@ def _run_repeats(config: Config, out: pathlib.Path, *, resume: bool, progress: b
         summary["per_client_test_accuracy"] = table
         outputs.print_table(table)
     summary["wall_sec"] = time.perf_counter() - t_start
+    if not distributed.is_writer():
+        return summary
     outputs.write_atomic(out / "summary.json", outputs.dumps(summary, indent=1))
     outputs.plot(runs, table, out / "curves.png", config.name)
     final = records[-1] if records else {}
