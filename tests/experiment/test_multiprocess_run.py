@@ -112,8 +112,14 @@ def test_what_several_processes_refuse(tmp_path, capfd):
         runner.main([*COMMON, "--processes", "2", "--distributed", "--out", str(tmp_path)])
     assert e.value.code == 2
     assert "--distributed is for a cluster's launcher" in capfd.readouterr().err
-    with pytest.raises(trainer.cfg.ConfigError, match="baselines"):
-        # in a process of a job: checked before anything is loaded
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(trainer, "multi_process", lambda: True)
+    with pytest.MonkeyPatch.context() as mp:  # as in a process of a job
+        mp.setattr(trainer, "multi_process", lambda: True)
+        with pytest.raises(trainer.cfg.ConfigError, match="baselines"):  # before anything is loaded
             trainer.run(runner.load_config(runner.HEART), tmp_path / "x")
+        single = ["baselines=()", "repeats=1", "rounds=1"]
+        for sets, match in (
+            (["server.algorithm=scaffold", "client.momentum=None"], "keep state between rounds"),
+            (["secagg={}", "secagg_protocol=True"], "host protocol runs in one process"),
+        ):
+            with pytest.raises(trainer.cfg.ConfigError, match=match):
+                trainer.run(runner.load_config(runner.HEART, single + sets), tmp_path / sets[0][:6])
