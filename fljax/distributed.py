@@ -275,6 +275,24 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     return jax.tree.map(put, tree)
 
 
+def broadcast_key(key: jax.Array) -> jax.Array:
+    """Process 0's ``key`` in every process (one process: ``key`` itself).
+
+    For keys that must be the same everywhere but cannot come from a shared seed: the secret key
+    of a private run (:func:`fljax.random.secret_key`), which each process would otherwise draw
+    differently, so that the processes would sample different cohorts and add different noise
+    to what must be one replicated sum. Typed ``threefry2x32`` keys or raw ``uint32[2]`` data.
+    """
+    if jax.process_count() == 1:
+        return key
+    from jax.experimental import multihost_utils
+
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    data = np.asarray(jax.random.key_data(key) if typed else key)
+    data = np.asarray(multihost_utils.broadcast_one_to_all(data), data.dtype)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(key)) if typed else data
+
+
 def to_host(tree: PyTree) -> PyTree:
     """Numpy copies of a round's outputs (replicated, or sharded: then gathered from every process)."""
 

@@ -118,6 +118,8 @@ def _worker(out_dir: str) -> None:
         if name == "plain" and "--checkpoint" in sys.argv:  # every process calls it; orbax writes once
             checkpoint.save(out / "checkpoints", CHECKPOINT_STEP, state, {"round": ROUNDS})
     slots = distributed.process_clients(len(COHORT), mesh)
+    own = random.secret_key()  # drawn in each process, then process 0's everywhere
+    shared = distributed.broadcast_key(own)
     print(
         "RESULT "
         + json.dumps(
@@ -129,6 +131,7 @@ def _worker(out_dir: str) -> None:
                 "gathered": gathered,
                 "shard_ids": sorted(int(i) for s in cohort.client_ids.addressable_shards for i in s.data),
                 "results": results,
+                "secret": [jax.random.key_data(k).tolist() for k in (own, shared)],
             }
         ),
         flush=True,
@@ -205,6 +208,9 @@ def _check(outs: list[dict], ref: dict, num_processes: int) -> None:
     # every process holds the same (replicated) result, bit for bit
     for o in outs[1:]:
         assert o["results"] == outs[0]["results"]
+    # a secret key each process drew differently, then process 0's in every process
+    assert len({str(o["secret"][0]) for o in outs}) == num_processes
+    assert all(o["secret"][1] == outs[0]["secret"][0] for o in outs)
     got = outs[0]["results"]
     helpers.assert_trees_equal(got["secagg"]["params"], ref["secagg"]["params"])
     assert got["secagg"]["metrics"] == ref["secagg"]["metrics"]

@@ -250,18 +250,6 @@ def _same_everywhere(state) -> None:
     multihost_utils.assert_equal(digest, "fljax: the processes of this run hold different models")
 
 
-def _shared_secret_key() -> jax.Array:
-    """:func:`fljax.random.secret_key`, the SAME in every process: drawn by process 0 and sent to
-    the others, so that all sample the same cohorts and add the same noise to the replicated sum."""
-    key = fl_random.secret_key()
-    if not multi_process():
-        return key
-    from jax.experimental import multihost_utils
-
-    data = multihost_utils.broadcast_one_to_all(np.asarray(jax.random.key_data(key)))
-    return jax.random.wrap_key_data(np.asarray(data, np.uint32), impl="threefry2x32")
-
-
 def pad_slots(ids: np.ndarray, mask: np.ndarray, multiple: int) -> tuple[np.ndarray, np.ndarray]:
     """``(ids, mask)`` padded with masked ``-1`` slots to a multiple of ``multiple`` (devices).
 
@@ -580,7 +568,8 @@ def train(
     # Under DP the round keys (cohort sampling, noise) come from a secret key unless the config
     # asks for a reproducible simulation: anyone with a public seed could regenerate the noise.
     secret = dp_config is not None and not section.reproducible
-    loop_key = _shared_secret_key() if secret else None
+    # Over several processes, process 0's: all must sample the same cohorts and add the same noise.
+    loop_key = distributed.broadcast_key(fl_random.secret_key()) if secret else None
     audit = _audit(config, dp_config, run_key)
     algo, update = _compiled_round(config, model, dp_config, train_data.num_clients, audit, remote)
     devices = round_devices(config.devices)

@@ -85,28 +85,6 @@ def test_two_processes_equal_one_process_written_once_and_resume(tmp_path, capfd
     assert [r["processes"] for r in resumed] == [2]
 
 
-def test_secret_noise_is_shared_by_the_processes(tmp_path, capfd):
-    """A private run draws its round keys from a secret source: process 0 draws it and sends it,
-    so both processes sample the same cohorts and add the same noise (the trainer checks that
-    every process ends with the same model; without the shared key it raises)."""
-    out = tmp_path / "private"
-    argv = [
-        *COMMON[2:],
-        "--config",
-        "heart_disease_private",
-        "--set",
-        "rounds=2",
-        "--set",
-        "dp.reproducible=False",
-        "--out",
-        str(out),
-    ]
-    _two_processes(capfd, *argv)
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["privacy"]["noise"].startswith("secret")
-    assert summary["privacy"]["epsilon"] > 0 and len(_rows(out)) == 2
-
-
 def test_what_several_processes_refuse(tmp_path, capfd):
     with pytest.raises(SystemExit) as e:
         runner.main([*COMMON, "--processes", "2", "--distributed", "--out", str(tmp_path)])
