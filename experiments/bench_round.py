@@ -127,7 +127,7 @@ def aggregator_for(variant: str, cohort_size: int, num_examples: int, dim: int =
     ``ddp``: the distributed discrete Gaussian (16-bit ring, masked modular sum simulated in the
     round); ``dp_ftrl``: banded matrix-factorization DP (4 bands, 100 rounds planned).
     """
-    if variant == "plain":
+    if variant in ("plain", "plain_every_slot"):  # every_slot: Performance(skip_padding=False)
         return None
     if variant == "ddp":
         from fljax import privacy
@@ -237,7 +237,11 @@ def bench_fljax(
         )
         mesh = args.mesh
         perf = Performance(
-            chunk_size=args.chunk_size, mesh=mesh, unroll=args.unroll, **FORMULATIONS[formulation]
+            chunk_size=args.chunk_size,
+            mesh=mesh,
+            unroll=args.unroll,
+            skip_padding=variant != "plain_every_slot",  # the padding-skip's cost where none is skipped
+            **FORMULATIONS[formulation],
         )
         update = update.with_performance(perf)
         algo = fedavg.fedavg(update, aggregator=aggregator).with_performance(perf)
