@@ -6,8 +6,10 @@ cohorts of 10 and 100 clients. Prints one JSON object per measurement:
 
 * ``system: "fljax"``, ``variant`` ``"plain"`` / ``"dp"`` (client-level DP,
   :func:`fljax.privacy.dp`) / ``"secagg"``
-  (mean of :func:`fljax.secagg.secure_sum`), with ``ratio_to_plain`` measured in
-  the same run; ``formulation`` names the round's settings.
+  (mean of :func:`fljax.secagg.secure_sum`) / ``"plain_every_slot"`` (the plain round with
+  ``Performance(skip_padding=False)``: no chunk skipped, no chunk dealt to the devices in
+  turn), with ``ratio_to_plain`` measured in the same run; ``formulation`` names the round's
+  settings.
 * ``--algorithms``: other federated algorithms' plain rounds on the same cohort (built by the
   trainer's :func:`fljax.experiment.trainer.build_algorithm` from the same client settings;
   stateful ones carry their client states), each line with ``algorithm`` and
