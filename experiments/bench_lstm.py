@@ -316,7 +316,9 @@ def bench_fljax(
     args, data, model, params, cohort_size: int, formulation: str, layout: str, slots: int, torch_sec
 ):
     apply = model if formulation == "flax" else char_lstm_apply(formulation, args.time_unroll)
-    perf = Performance(chunk_size=args.chunk_size, unroll=args.unroll, mesh=args.mesh)
+    perf = Performance(
+        chunk_size=args.chunk_size, unroll=args.unroll, mesh=args.mesh, skip_padding=not args.every_slot
+    )
     update = client.local_sgd(
         apply,
         optax.sgd(args.learning_rate),
@@ -374,6 +376,7 @@ def bench_fljax(
             else args.chunk_size
         ),
         unroll=args.unroll,
+        skip_padding=not args.every_slot,
         devices=1 if args.mesh is None else args.mesh.size,
         slots=slots if layout == "bucketed" else None,
         time_unroll=args.time_unroll if formulation != "flax" else 1,
@@ -413,6 +416,11 @@ def main(argv=None) -> int:
         "--no-data", action="store_true", help="log-normal sizes even if the data set is on disk"
     )
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch loop reference")
+    parser.add_argument(
+        "--every-slot",
+        action="store_true",
+        help="Performance(skip_padding=False): no chunk skipped or dealt to the devices in turn",
+    )
     parser.add_argument("--torch-device", default=None, help="'cpu' or 'cuda' (default: see torch_reference)")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch CPU threads (default: cores)")
     parser.add_argument(

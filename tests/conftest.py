@@ -35,6 +35,7 @@ LONG_FIRST = (
     "tests/experiment/test_configs.py",
     "tests/test_notebooks.py",
     "tests/test_distributed.py",
+    "tests/experiment/test_multiprocess_run.py",
     "tests/test_gpu_check.py",
     "tests/deploy/test_server.py",
     "tests/experiment/test_crash.py",

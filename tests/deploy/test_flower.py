@@ -83,7 +83,7 @@ def test_secagg_survives_a_node_killed_mid_round_which_then_rejoins(deployment):
 
     restarter = threading.Thread(target=restart, daemon=True)
     restarter.start()
-    summary, params, log = submit(deployment, "secagg", "secagg", 30.0)
+    summary, params, log = submit(deployment, "secagg", "secagg", 20.0)  # waits this out once
     restarter.join(timeout=5)
     rounds = [
         json.loads(line) for line in (deployment[3] / "run_secagg" / "metrics.jsonl").read_text().splitlines()

@@ -47,19 +47,19 @@ def _two_processes(capfd, *argv):
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     out = tmp_path_factory.mktemp("one")
-    runner.main([*COMMON, "--set", "rounds=3", "--set", "devices=2", "--out", str(out)])
+    runner.main([*COMMON, "--set", "rounds=2", "--set", "devices=2", "--out", str(out)])
     return out
 
 
 def test_two_processes_equal_one_process_written_once_and_resume(tmp_path, capfd, one_process):
     out = tmp_path / "two"
-    printed = _two_processes(capfd, "--set", "rounds=3", "--out", str(out))
+    printed = _two_processes(capfd, "--set", "rounds=2", "--out", str(out))
     # Only process 0 prints and writes; the folder is a normal run folder.
     first, second = printed.split("--- process 1 of 2", 1)
     assert "done in" in first and "done in" not in second and "heart_disease" not in second
     rows = _rows(out)
-    assert [r["round"] for r in rows] == [1, 2, 3]
-    assert checkpoint.steps(out / "checkpoints") == [1, 2, 3]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert checkpoint.steps(out / "checkpoints") == [1, 2]
     info = json.loads((out / "run_info.json").read_text())
     assert info["processes"] == 2 and info["round_devices"] == 2
     assert (out / "summary.json").exists()
@@ -77,10 +77,10 @@ def test_two_processes_equal_one_process_written_once_and_resume(tmp_path, capfd
     crashed = tmp_path / "crashed"
     shutil.copytree(out, crashed)
     (crashed / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n" + '{"round": 2, "cli')
-    printed = _two_processes(capfd, "--set", "rounds=3", "--out", str(crashed), "--resume")
+    printed = _two_processes(capfd, "--set", "rounds=2", "--out", str(crashed), "--resume")
     assert "resuming after round 1; recomputing rounds 2, 3" in printed
     assert [_numbers(r) for r in _rows(crashed)] == [_numbers(r) for r in rows]
-    assert checkpoint.steps(crashed / "checkpoints") == [1, 2, 3]
+    assert checkpoint.steps(crashed / "checkpoints") == [1, 2]
     resumed = json.loads((crashed / "run_info.json").read_text())["resumed"]
     assert [r["processes"] for r in resumed] == [2]
 
