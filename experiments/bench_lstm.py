@@ -486,7 +486,6 @@ def main(argv=None) -> int:
             raise ValueError(f"cohort must be in [1, {len(sizes)}], got {cohort_size}")
         picked = np.sort(rng.choice(len(sizes), cohort_size, replace=False))
         data = make_population(capped[picked], seq_len, args.vocab, args.seed + cohort_size)
-        devices = 1 if args.mesh is None else args.mesh.size
         slots = args.slots or devices * max(1, cohort_size // (10 * devices))  # whole rows of devices
         torch_sec = bench_torch(args, data, cohort_size)
         for formulation in formulations:

@@ -116,13 +116,28 @@ def one_device_per_core() -> int:
     return jax.config.jax_num_cpu_devices
 
 
+def _add_job_options(parser: argparse.ArgumentParser) -> None:
+    """``--processes``, ``--devices-per-process``, ``--distributed`` (read before jax starts)."""
+    parser.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="run as N local processes of one jax.distributed job (docs/distributed.md)",
+    )
+    parser.add_argument(
+        "--devices-per-process", type=int, metavar="K", help="with --processes: CPU devices each"
+    )
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join the jax.distributed job a cluster's launcher started (srun, mpirun, TPU pod)",
+    )
+
+
 def _job_args(argv):
-    """``(job options, the other arguments)``: ``--processes``, ``--devices-per-process`` and
-    ``--distributed`` are read before jax starts."""
+    """``(job options, the other arguments)``: the job options are read before jax starts."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--processes", type=int, default=None)
-    pre.add_argument("--devices-per-process", type=int, default=None)
-    pre.add_argument("--distributed", action="store_true")
+    _add_job_options(pre)
     return pre.parse_known_args(list(sys.argv[1:] if argv is None else argv))
 
 
@@ -133,7 +148,8 @@ def launch(argv, processes: int, devices: int | None, configs_dir, runs_dir) -> 
     ``{"processes": [exit codes]}``; exits with the first non-zero code."""
     if processes < 1:
         _fail(f"error: --processes must be >= 1, got {processes} (see --help)")
-    devices = devices or max(1, (os.cpu_count() or 1) // processes)
+    if devices is None:
+        devices = max(1, (os.cpu_count() or 1) // processes)
     if devices < 1:
         _fail(f"error: --devices-per-process must be >= 1, got {devices} (see --help)")
     code = (
@@ -222,20 +238,7 @@ def _main(argv, configs_dir, runs_dir) -> dict:
         "--overwrite", action="store_true", help="delete the results of an earlier run in --out first"
     )
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument(
-        "--processes",
-        type=int,
-        metavar="N",
-        help="run as N local processes of one jax.distributed job (docs/distributed.md)",
-    )
-    parser.add_argument(
-        "--devices-per-process", type=int, metavar="K", help="with --processes: CPU devices each"
-    )
-    parser.add_argument(
-        "--distributed",
-        action="store_true",
-        help="join the jax.distributed job a cluster's launcher started (srun, mpirun, TPU pod)",
-    )
+    _add_job_options(parser)  # read by main() before jax starts; listed here for --help
     args = parser.parse_args(argv)
     config = load_config(args.config, args.set, configs_dir)
     out = pathlib.Path(args.out) if args.out else (runs_dir or pathlib.Path("runs")) / config.name
